@@ -1,0 +1,3 @@
+from spo.cli.main import main
+
+raise SystemExit(main())

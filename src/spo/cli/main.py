@@ -1,0 +1,64 @@
+"""The `spo` command: one parser, subcommands registered by their modules.
+
+Each command module exposes `register(subparsers)`; the module is imported only when its command runs,
+so `spo --help` stays fast (no torch import).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from spo.errors import SpoInputError
+
+# command name -> (module, one-line help). Modules define `add_arguments(parser)` and `run(args)`.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("spo.cli.train_cmd", "run SPO training (default: the SD1.5-family toy model, end to end)"),
+    "toy": ("spo.cli.toy_cmd", "the embedded toy world: build models, sample, write preference pairs"),
+}
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse prints usage plus the error; we want one line and exit code 2."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    from spo import __version__
+
+    parser = OneLineParser(prog="spo", description="Step-aware Preference Optimization for SD1.5/SDXL-family models.")
+    parser.add_argument("--version", action="version", version=f"spo {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
+    for name, (module_name, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if only is None or only == name:
+            module = importlib.import_module(module_name)
+            module.add_arguments(p)
+            p.set_defaults(_module=module_name)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Import only the module of the command asked for.
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(only=command if command in COMMANDS else "__none__")
+    if command is not None and command not in COMMANDS:
+        parser.error(f"unknown command {command!r} (choose from {', '.join(COMMANDS)})")
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    module = importlib.import_module(args._module)
+    try:
+        result = module.run(args)
+    except SpoInputError as exc:
+        print(f"spo {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"spo {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return int(result or 0)

@@ -1,0 +1,109 @@
+"""Renderer: a scene plus a mix of quality defects -> an RGB image.
+
+Defects have a severity in [0, 1] each; captions never mention them. `defect_level` (their sum) is the
+ground truth the judge's aesthetic score must rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+from spo.toy.world import BACKGROUNDS, COLORS, IMAGE_SIZE, POSITIONS, SIZES, Scene
+
+SUPERSAMPLE = 4  # clean renders are drawn 4x larger and box-filtered down (anti-aliased edges)
+
+
+@dataclass(frozen=True)
+class Defects:
+    blur: float = 0.0  # gaussian blur, sigma up to 1.6 px
+    grain: float = 0.0  # additive gaussian noise, std up to 0.22 of the value range
+    pixelation: float = 0.0  # rendered at lower resolution, nearest-neighbour upscaled (jaggies, blocks)
+    low_contrast: float = 0.0  # whole image blended toward mid-gray, up to 65 %
+    cramped: float = 0.0  # shape enlarged and pushed toward a border until it is cut off
+
+    @property
+    def level(self) -> float:
+        return float(sum(asdict(self).values()))
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+
+CLEAN = Defects()
+
+
+def sample_defects(rng: np.random.Generator, p_present: float = 0.45) -> Defects:
+    """Each defect is present with probability `p_present`, at a uniform severity."""
+    values = {}
+    for name in Defects.names():
+        values[name] = float(rng.uniform(0.15, 1.0)) if rng.random() < p_present else 0.0
+    return Defects(**values)
+
+
+def _shape_polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]] | None:
+    if shape == "square":
+        r *= 0.86  # equal visual weight with the circle
+        return [(cx - r, cy - r), (cx + r, cy - r), (cx + r, cy + r), (cx - r, cy + r)]
+    if shape == "triangle":
+        return [(cx, cy - r), (cx + r, cy + r * 0.8), (cx - r, cy + r * 0.8)]
+    if shape == "diamond":
+        return [(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)]
+    return None  # circle
+
+
+def _draw(scene: Scene, side: int, scale: float, shift: tuple[float, float]) -> Image.Image:
+    img = Image.new("RGB", (side, side), BACKGROUNDS[scene.background])
+    draw = ImageDraw.Draw(img)
+    px, py = POSITIONS[scene.position]
+    cx, cy = (px + shift[0]) * side, (py + shift[1]) * side
+    r = SIZES[scene.size] * scale * side / 2
+    poly = _shape_polygon(scene.shape, cx, cy, r)
+    color = COLORS[scene.color]
+    if poly is None:
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
+    else:
+        draw.polygon(poly, fill=color)
+    return img
+
+
+def render(scene: Scene, defects: Defects = CLEAN, seed: int = 0, size: int = IMAGE_SIZE) -> Image.Image:
+    """Render `scene` with `defects`; deterministic for (scene, defects, seed, size)."""
+    rng = np.random.default_rng(seed)
+    scale, shift = 1.0, (0.0, 0.0)
+    if defects.cramped > 0:
+        scale = 1.0 + 0.9 * defects.cramped
+        angle = rng.uniform(0, 2 * np.pi)
+        reach = 0.28 * defects.cramped
+        shift = (reach * np.cos(angle), reach * np.sin(angle))
+    # Pixelation: draw at a coarser resolution without anti-aliasing, then upscale with nearest.
+    low = int(round(size / (1 + 2.5 * defects.pixelation)))
+    if defects.pixelation > 0 and low < size:
+        img = _draw(scene, low, scale, shift).resize((size, size), Image.NEAREST)
+    else:
+        img = _draw(scene, size * SUPERSAMPLE, scale, shift).resize((size, size), Image.BOX)
+    if defects.blur > 0:
+        img = img.filter(ImageFilter.GaussianBlur(radius=1.6 * defects.blur))
+    x = np.asarray(img, dtype=np.float32) / 255.0
+    if defects.low_contrast > 0:
+        a = 0.65 * defects.low_contrast
+        x = (1 - a) * x + a * 0.5
+    if defects.grain > 0:
+        x = x + rng.normal(0.0, 0.22 * defects.grain, size=x.shape).astype(np.float32)
+    return Image.fromarray(np.clip(x * 255.0 + 0.5, 0, 255).astype(np.uint8))
+
+
+def render_dataset(n: int, seed: int, split: str = "train", p_present: float = 0.45):
+    """`n` (scene, defects, image) triples; deterministic for the seed."""
+    from spo.toy.world import sample_scenes
+
+    scenes = sample_scenes(n, seed, split)
+    rng = np.random.default_rng([seed, 1])
+    out = []
+    for i, scene in enumerate(scenes):
+        d = sample_defects(rng, p_present)
+        out.append((scene, d, render(scene, d, seed=int(rng.integers(2**31)))))
+    return out
