@@ -16,6 +16,10 @@ from typing import Iterator
 from spo.errors import SpoInputError
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def ensure_writable_dir(path: str | os.PathLike) -> Path:
     """Create `path` (a directory) or fail with a one-line error naming it."""
     path = Path(path)
@@ -43,6 +47,7 @@ def atomic_path(target: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get ordinary permissions
         os.replace(tmp_path, target)
         _fsync_dir(target.parent)
     except BaseException:

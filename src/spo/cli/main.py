@@ -14,7 +14,6 @@ from spo.errors import SpoInputError
 
 # command name -> (module, one-line help). Modules define `add_arguments(parser)` and `run(args)`.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("spo.cli.train_cmd", "run SPO training (default: the SD1.5-family toy model, end to end)"),
     "toy": ("spo.cli.toy_cmd", "the embedded toy world: build models, sample, write preference pairs"),
 }
 

@@ -1,0 +1,51 @@
+"""DDIM transition math (Song et al., 2021) as small pure functions, in the paper's names.
+
+SPO samples with eta = 1, so each DDIM step x_t -> x_{t-1} is a Gaussian with mean `mu` and std `sigma_t`;
+its log-probability is what the SPO loss compares between the trained and the reference model.
+diffusers' `DDIMScheduler.step` computes the same sample but not the log-probability, hence these.
+`alpha_bar` arguments are broadcastable tensors (per-sample for batched timesteps).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def predicted_x0(x_t: torch.Tensor, eps: torch.Tensor, alpha_bar_t: torch.Tensor) -> torch.Tensor:
+    """x0-hat = (x_t - sqrt(1 - a_t) * eps) / sqrt(a_t)."""
+    return (x_t - (1 - alpha_bar_t).sqrt() * eps) / alpha_bar_t.sqrt()
+
+
+def ddim_sigma(alpha_bar_t: torch.Tensor, alpha_bar_prev: torch.Tensor, eta: float = 1.0) -> torch.Tensor:
+    """sigma_t = eta * sqrt((1 - a_prev) / (1 - a_t)) * sqrt(1 - a_t / a_prev)."""
+    return eta * ((1 - alpha_bar_prev) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_prev)).sqrt()
+
+
+def ddim_mean(x0: torch.Tensor, eps: torch.Tensor, alpha_bar_prev: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """mu = sqrt(a_prev) * x0 + sqrt(1 - a_prev - sigma^2) * eps."""
+    return alpha_bar_prev.sqrt() * x0 + (1 - alpha_bar_prev - sigma**2).clamp(min=0).sqrt() * eps
+
+
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """log N(x; mean, std^2 I), averaged over all but the batch dimension.
+
+    The average (not the sum) follows the official SPO/DDPO implementations, which set beta = 10 for it.
+    """
+    std = std.expand_as(x) if torch.is_tensor(std) else torch.full_like(x, std)
+    lp = -((x.detach() - mean) ** 2) / (2 * std**2) - std.log() - 0.5 * math.log(2 * math.pi)
+    return lp.mean(dim=tuple(range(1, x.ndim)))
+
+
+def cfg(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance: eps_u + w * (eps_c - eps_u)."""
+    return eps_uncond + scale * (eps_cond - eps_uncond)
+
+
+def alpha_bars(scheduler, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a_t, a_prev) for DDIM timesteps `t` of a diffusers DDIMScheduler with timesteps already set."""
+    ac = scheduler.alphas_cumprod.to(t.device)
+    prev = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+    a_prev = torch.where(prev >= 0, ac[prev.clamp(min=0)], torch.as_tensor(scheduler.final_alpha_cumprod, device=t.device))
+    return ac[t], a_prev

@@ -1,0 +1,30 @@
+"""Preference losses as pure functions: SPO's clipped-ratio loss and the step-wise pair selection."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def spo_loss(logp_w: torch.Tensor, logp_l: torch.Tensor, ref_logp_w: torch.Tensor, ref_logp_l: torch.Tensor,
+             beta: float = 10.0, eps: float = 0.1) -> torch.Tensor:
+    """-log sigmoid(beta * (log r_w - log r_l)), r = clamp(p_theta / p_ref, 1 - eps, 1 + eps), per pair.
+
+    The clamp stops gradients once a ratio leaves the trust band (as in PPO-style clipping).
+    """
+    r_w = torch.exp(logp_w - ref_logp_w).clamp(1 - eps, 1 + eps)
+    r_l = torch.exp(logp_l - ref_logp_l).clamp(1 - eps, 1 + eps)
+    return -F.logsigmoid(beta * (r_w.log() - r_l.log()))
+
+
+def select_pairs(scores: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """From candidate scores [B, k]: (win index, lose index, keep mask) per row.
+
+    Best and worst of the k; softmax over those two scores; keep the pair iff p_win - p_lose > threshold.
+    """
+    win = scores.argmax(dim=1)
+    lose = scores.argmin(dim=1)
+    pair = torch.stack([scores.gather(1, win[:, None]), scores.gather(1, lose[:, None])], dim=1).squeeze(-1)
+    p = pair.softmax(dim=1)
+    keep = (p[:, 0] - p[:, 1]) > threshold
+    return win, lose, keep

@@ -1,0 +1,70 @@
+"""Model families: everything that differs between SD1.5 and SDXL, behind one small interface.
+
+A trainer or sampler asks the family for the UNet's conditioning of a batch of prompts and never looks
+at text encoders, pooled embeddings or add_time_ids itself. Prompt encoding goes through the pipeline's
+own `encode_prompt` (diffusers), so the conditioning is exactly what diffusers' sampling uses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Conditioning:
+    """Keyword arguments for `unet(latents, t, **cond.unet_kwargs())`, batched along dim 0."""
+
+    encoder_hidden_states: torch.Tensor
+    added_cond_kwargs: dict[str, torch.Tensor] | None = None
+
+    def unet_kwargs(self) -> dict:
+        kw = {"encoder_hidden_states": self.encoder_hidden_states}
+        if self.added_cond_kwargs is not None:
+            kw["added_cond_kwargs"] = self.added_cond_kwargs
+        return kw
+
+    def cat(self, other: "Conditioning") -> "Conditioning":
+        added = None
+        if self.added_cond_kwargs is not None:
+            added = {k: torch.cat([v, other.added_cond_kwargs[k]]) for k, v in self.added_cond_kwargs.items()}
+        return Conditioning(torch.cat([self.encoder_hidden_states, other.encoder_hidden_states]), added)
+
+    def index(self, idx) -> "Conditioning":
+        added = None if self.added_cond_kwargs is None else {k: v[idx] for k, v in self.added_cond_kwargs.items()}
+        return Conditioning(self.encoder_hidden_states[idx], added)
+
+
+def family_of(pipe) -> str:
+    return "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd15"
+
+
+def encode(pipe, prompts: list[str], negative: bool = False) -> Conditioning:
+    """Conditioning for `prompts` (or, with negative=True, the unconditional branch for as many rows).
+
+    SDXL's unconditional branch is all zeros (force_zeros_for_empty_prompt, as its pipeline does).
+    """
+    device = pipe.unet.device
+    if family_of(pipe) == "sd15":
+        if negative:
+            embeds, _ = pipe.encode_prompt([""] * len(prompts), device, 1, False)
+        else:
+            embeds, _ = pipe.encode_prompt(prompts, device, 1, False)
+        return Conditioning(embeds)
+    embeds, _, pooled, _ = pipe.encode_prompt(prompts, device=device, num_images_per_prompt=1,
+                                              do_classifier_free_guidance=False)
+    if negative:
+        embeds, pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
+    return Conditioning(embeds, {"text_embeds": pooled, "time_ids": add_time_ids(pipe, len(prompts), embeds.dtype)})
+
+
+def add_time_ids(pipe, batch: int, dtype=torch.float32) -> torch.Tensor:
+    """SDXL micro-conditioning: original size, crop top-left, target size (no crop, native resolution)."""
+    side = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    ids = torch.tensor([side, side, 0, 0, side, side], dtype=dtype, device=pipe.unet.device)
+    return ids.expand(batch, 6)
+
+
+def trainable_text_encoders(pipe) -> list[torch.nn.Module]:
+    return [m for m in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if m is not None]

@@ -1,0 +1,46 @@
+"""Generic preference pairs from the toy base model, labelled by a simulated rater.
+
+Like Pick-a-Pic users, the rater weighs prompt alignment, aesthetics and its own mood (noise), and calls
+near-equal pairs a tie; its labels are therefore not purely aesthetic, which is the setting SPO is for.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+
+
+def rate(aesthetic_0: float, aesthetic_1: float, aligned_0: int, aligned_1: int, rng: np.random.Generator,
+         w_align: float = 2.0, w_aes: float = 1.0, noise: float = 0.35, tie_band: float = 0.1) -> tuple[float, float]:
+    """(label_0, label_1): 1/0, 0/1, or 0.5/0.5 for a tie."""
+    margin = w_align * (aligned_0 - aligned_1) + w_aes * (aesthetic_0 - aesthetic_1) + rng.normal(0, noise)
+    p0 = 1.0 / (1.0 + np.exp(-4.0 * margin))
+    if abs(p0 - 0.5) < tie_band:
+        return 0.5, 0.5
+    return (1.0, 0.0) if p0 > 0.5 else (0.0, 1.0)
+
+
+def make_pair_rows(pipe, n_pairs: int, seed: int, steps: int = 20, cfg: float = 5.0) -> list[dict]:
+    from spo.toy import judge
+    from spo.toy.sampling import sample
+    from spo.toy.world import sample_scenes
+
+    captions = [s.caption for s in sample_scenes(n_pairs, seed, split="train")]
+    # Two samples per caption with different seeds; eta = 1 for a spread of quality.
+    images_0 = sample(pipe, captions, seed=seed * 2, steps=steps, cfg=cfg, eta=1.0)
+    images_1 = sample(pipe, captions, seed=seed * 2 + 1, steps=steps, cfg=cfg, eta=1.0)
+    rng = np.random.default_rng([seed, 7])
+    rows = []
+    for i, (cap, a, b) in enumerate(zip(captions, images_0, images_1)):
+        l0, l1 = rate(judge.aesthetic(a), judge.aesthetic(b), judge.alignment(a, cap), judge.alignment(b, cap), rng)
+        rows.append({"caption": cap, "jpg_0": _jpeg(a), "jpg_1": _jpeg(b), "label_0": l0, "label_1": l1,
+                     "are_different": True, "image_0_uid": f"toy-{seed}-{i}-0", "image_1_uid": f"toy-{seed}-{i}-1",
+                     "user_id": int(rng.integers(1, 50)), "ranking_id": i})
+    return rows
+
+
+def _jpeg(image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
