@@ -43,3 +43,28 @@ def test_toy_sample_writes_grid_and_scores(tmp_path):
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "s" / "grid.png").stat().st_size > 0
     assert "alignment" in r.stdout
+
+
+def test_toy_pairs_round_trip_through_pickapic_reader(tmp_path):
+    from spo.data.pickapic import read_pairs
+
+    out = tmp_path / "pairs.parquet"
+    r = spo("toy", "pairs", "-n", "6", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    pairs, summary = read_pairs(out, skip_bad=False)
+    assert len(pairs) == 6
+    for p in pairs:
+        assert abs(p.label_0 + p.label_1 - 1) < 1e-9 and p.label_0 in (0.0, 0.5, 1.0)
+        a, b = p.decode()
+        assert a.size == (32, 32)
+
+
+def test_toy_build_trains_and_writes_loadable_pipelines(tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    r = spo("toy", "build", "--out", str(tmp_path / "m"), "--family", "sdxl", "--images", "64",
+            "--vae-steps", "2", "--unet-steps", "2", "--batch", "8")
+    assert r.returncode == 0, r.stderr
+    pipe = StableDiffusionXLPipeline.from_pretrained(tmp_path / "m" / "sdxl", local_files_only=True)
+    assert pipe.vae.config.scaling_factor != 0.18215  # set from the trained latents
+    assert (tmp_path / "m" / "sdxl" / "build_info.json").is_file()

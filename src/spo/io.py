@@ -67,6 +67,7 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700; outputs get ordinary permissions
         old = None
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")

@@ -24,8 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     b.add_argument("--out", type=Path, default=None, help="output folder (default: the package's toy_models)")
     b.add_argument("--family", choices=["sd15", "sdxl", "both"], default="both")
     b.add_argument("--images", type=_positive_int, default=3000, help="training renders")
-    b.add_argument("--vae-steps", type=_positive_int, default=200)
-    b.add_argument("--unet-steps", type=_positive_int, default=700)
+    b.add_argument("--vae-steps", type=_positive_int, default=220)
+    b.add_argument("--unet-steps", type=_positive_int, default=350)
     b.add_argument("--batch", type=_positive_int, default=32)
     b.add_argument("--seed", type=int, default=0)
 

@@ -19,7 +19,6 @@ from spo.toy.world import BACKGROUNDS, COLORS, POSITIONS, parse_caption
 _COLOR_NAMES = tuple(COLORS)
 _COLOR_ARR = np.array([COLORS[c] for c in _COLOR_NAMES], dtype=np.float64) / 255.0
 _BG_ARR = np.array(list(BACKGROUNDS.values()), dtype=np.float64) / 255.0
-_MAX_FADE = 0.65  # strongest blend toward mid-gray the renderer applies
 
 
 def _array(image: Image.Image | np.ndarray) -> np.ndarray:
@@ -254,7 +253,13 @@ def aesthetic_batch(images: Sequence[Image.Image | np.ndarray]) -> np.ndarray:
 
 
 def classify(image: Image.Image | np.ndarray) -> tuple[str, str] | None:
-    """(shape, colour) the image shows, or None when no foreground shape can be found."""
+    """(shape, colour) the image shows, or None when no foreground shape can be found.
+
+    Colour: the palette colour (with a palette background) that best explains the foreground and
+    background medians, allowing for a blend toward gray; on undimmed images this is the nearest
+    palette colour. Shape: fill of the soft extent (square ~1, circle ~pi/4, triangle and diamond
+    ~1/2), then where the mass sits vertically (a triangle's is low, a diamond's central).
+    """
     x = _array(image)
     h, w = x.shape[:2]
     bg, fg, cov, mask = _segment(x)
