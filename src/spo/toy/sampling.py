@@ -47,8 +47,8 @@ def sample(pipe, prompts: list[str], seed: int, steps: int = 20, cfg: float = 5.
 def judge_images(images, prompts) -> dict:
     from spo.toy import judge
 
-    aes = np.array([judge.aesthetic(im) for im in images], dtype=np.float64)
-    ali = np.array([judge.alignment(im, p) for im, p in zip(images, prompts)], dtype=np.float64)
+    aes = np.asarray(judge.aesthetic_batch(images), dtype=np.float64)
+    ali = np.asarray(judge.alignment_batch(images, prompts), dtype=np.float64)
     n = len(images)
     return {
         "n": n,
