@@ -19,14 +19,16 @@ def _positive_int(text: str) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from spo.toy.build import DEFAULT_BUDGET as budget
+
     sub = parser.add_subparsers(dest="toy_command", metavar="ACTION", required=True, parser_class=type(parser))
     b = sub.add_parser("build", help="retrain the tiny SD1.5/SDXL-family base models from scratch")
     b.add_argument("--out", type=Path, default=None, help="output folder (default: the package's toy_models)")
     b.add_argument("--family", choices=["sd15", "sdxl", "both"], default="both")
-    b.add_argument("--images", type=_positive_int, default=3000, help="training renders")
-    b.add_argument("--vae-steps", type=_positive_int, default=220)
-    b.add_argument("--unet-steps", type=_positive_int, default=350)
-    b.add_argument("--batch", type=_positive_int, default=32)
+    b.add_argument("--images", type=_positive_int, default=budget["n_images"], help="training renders")
+    b.add_argument("--vae-steps", type=_positive_int, default=budget["vae_steps"])
+    b.add_argument("--unet-steps", type=_positive_int, default=budget["unet_steps"])
+    b.add_argument("--batch", type=_positive_int, default=budget["batch"])
     b.add_argument("--seed", type=int, default=0)
 
     s = sub.add_parser("sample", help="sample a toy base model on held-out captions and judge the images")

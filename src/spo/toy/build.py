@@ -22,6 +22,8 @@ from spo.toy.models import fresh_pipeline
 from spo.toy.render import render_dataset
 
 TOY_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "toy_models"
+# The budget the shipped models were built with (build_info.json records it); `spo toy build` defaults to it.
+DEFAULT_BUDGET = {"n_images": 3000, "vae_steps": 220, "unet_steps": 350, "batch": 32}
 
 
 def _images_to_tensor(images) -> torch.Tensor:
@@ -29,8 +31,8 @@ def _images_to_tensor(images) -> torch.Tensor:
     return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
 
 
-def train_vae(vae, pixels: torch.Tensor, steps: int, batch: int, seed: int) -> float:
-    """Reconstruction + a small KL term; returns the latent scaling factor (1 / std of latents)."""
+def train_vae(vae, pixels: torch.Tensor, steps: int, batch: int, seed: int) -> torch.Tensor:
+    """Reconstruction + a small KL term; returns the (unscaled) posterior-mean latents of `pixels`."""
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     vae.train()
@@ -46,8 +48,7 @@ def train_vae(vae, pixels: torch.Tensor, steps: int, batch: int, seed: int) -> f
         opt.step()
     vae.eval()
     with torch.no_grad():
-        latents = torch.cat([vae.encode(pixels[i : i + 256]).latent_dist.mean for i in range(0, len(pixels), 256)])
-    return float(1.0 / latents.std())
+        return torch.cat([vae.encode(pixels[i : i + 256]).latent_dist.mean for i in range(0, len(pixels), 256)])
 
 
 def train_denoiser(pipe, latents: torch.Tensor, captions: list[str], steps: int, batch: int, seed: int, lr: float = 1e-3):
@@ -89,8 +90,9 @@ def train_denoiser(pipe, latents: torch.Tensor, captions: list[str], steps: int,
         m.eval()
 
 
-def build(out_dir: Path = TOY_MODEL_DIR, families=("sd15", "sdxl"), n_images: int = 6000, vae_steps: int = 600,
-          unet_steps: int = 3000, batch: int = 64, seed: int = 0) -> dict:
+def build(out_dir: Path = TOY_MODEL_DIR, families=("sd15", "sdxl"), n_images: int = DEFAULT_BUDGET["n_images"],
+          vae_steps: int = DEFAULT_BUDGET["vae_steps"], unet_steps: int = DEFAULT_BUDGET["unet_steps"],
+          batch: int = DEFAULT_BUDGET["batch"], seed: int = 0) -> dict:
     from spo.io import atomic_dir, write_json
 
     torch.manual_seed(seed)
@@ -104,10 +106,10 @@ def build(out_dir: Path = TOY_MODEL_DIR, families=("sd15", "sdxl"), n_images: in
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
     pipes = {f: fresh_pipeline(f, seed) for f in families}
     vae = pipes[families[0]].vae
-    scale = train_vae(vae, pixels, vae_steps, batch, seed)
+    latents = train_vae(vae, pixels, vae_steps, batch, seed)
+    scale = float(1.0 / latents.std())  # unit-variance latents, as SD's 0.18215 does for its VAE
     vae.register_to_config(scaling_factor=scale)
-    with torch.no_grad():
-        latents = torch.cat([vae.encode(pixels[i : i + 256]).latent_dist.mean for i in range(0, len(pixels), 256)]) * scale
+    latents = latents * scale
     info["vae_seconds"] = round(time.time() - started, 1)
     for family in families:
         t0 = time.time()

@@ -33,11 +33,11 @@ def sample(pipe, prompts: list[str], seed: int, steps: int = 20, cfg: float = 5.
     """One image per prompt; image i depends only on (seed, i), so arms compare seed for seed."""
     from tqdm.auto import tqdm
 
+    side = pipe.unet.config.sample_size * pipe.vae_scale_factor
     images = []
     for start in tqdm(range(0, len(prompts), batch), desc="sampling", unit="batch"):
         chunk = prompts[start : start + batch]
         gens = [torch.Generator().manual_seed(seed * 1_000_003 + start + i) for i in range(len(chunk))]
-        side = pipe.unet.config.sample_size * pipe.vae_scale_factor
         out = pipe(chunk, num_inference_steps=steps, guidance_scale=cfg, generator=gens, eta=eta,
                    height=side, width=side, output_type="pil")
         images.extend(out.images)
