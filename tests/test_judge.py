@@ -45,6 +45,14 @@ def test_alignment_on_clean_renders(clean_renders):
     assert got.mean() >= 0.95, f"alignment accuracy {got.mean():.3f}"
 
 
+def test_alignment_survives_defects():
+    # The base models learn from defective renders, so the judge must read shapes through blur, grain,
+    # blocks and cropping too (a silhouette-statistics classifier managed 73 % here).
+    data = render_dataset(240, seed=2026, split="heldout")
+    got = judge.alignment_batch([img for _, _, img in data], [s.caption for s, _, _ in data])
+    assert got.mean() >= 0.90, f"alignment accuracy on defective renders {got.mean():.3f}"
+
+
 def test_mismatched_captions_score_zero(clean_renders):
     scenes, images = clean_renders
     rng = np.random.default_rng(0)

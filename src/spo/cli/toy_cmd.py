@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from spo.cli.argtypes import positive_int
+from spo.cli.argtypes import nonneg_int, positive_int
 from spo.errors import SpoInputError
 
 
@@ -13,12 +13,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from spo.toy.build import DEFAULT_BUDGET as budget
 
     sub = parser.add_subparsers(dest="toy_command", metavar="ACTION", required=True, parser_class=type(parser))
-    b = sub.add_parser("build", help="retrain the tiny SD1.5/SDXL-family base models from scratch")
+    b = sub.add_parser("build", help="train the tiny SD1.5/SDXL-family base models (from scratch, or --continue-from a build)")
     b.add_argument("--out", type=Path, default=None, help="output folder (default: the package's toy_models)")
     b.add_argument("--family", choices=["sd15", "sdxl", "both"], default="both")
     b.add_argument("--images", type=positive_int, default=budget["n_images"], help="training renders")
     b.add_argument("--vae-steps", type=positive_int, default=budget["vae_steps"])
-    b.add_argument("--unet-steps", type=positive_int, default=budget["unet_steps"])
+    b.add_argument("--decoder-steps", type=nonneg_int, default=budget["decoder_steps"],
+                   help="decoder-only fine-tuning after the VAE (keeps the latent space)")
+    b.add_argument("--unet-steps", type=nonneg_int, default=budget["unet_steps"])
+    b.add_argument("--continue-from", type=Path, default=None, metavar="DIR",
+                   help="keep training the toy models in DIR (its VAE encoder, hence latent space, is kept)")
     b.add_argument("--batch", type=positive_int, default=budget["batch"])
     b.add_argument("--seed", type=int, default=0)
 
@@ -47,7 +51,11 @@ def run(args: argparse.Namespace) -> int:
         from spo.toy.build import TOY_MODEL_DIR, build
 
         families = ("sd15", "sdxl") if args.family == "both" else (args.family,)
-        info = build(args.out or TOY_MODEL_DIR, families, args.images, args.vae_steps, args.unet_steps, args.batch, args.seed)
+        if args.continue_from is not None and not all(
+                (args.continue_from / f / "model_index.json").is_file() for f in families):
+            raise SpoInputError(f"{args.continue_from}: no toy model folders for {', '.join(families)} to continue from")
+        info = build(args.out or TOY_MODEL_DIR, families, args.images, args.vae_steps, args.unet_steps, args.batch,
+                     args.seed, decoder_steps=args.decoder_steps, continue_from=args.continue_from)
         print(f"built {', '.join(families)} in {info['total_seconds']} s on {info['machine']} -> {args.out or TOY_MODEL_DIR}")
         return 0
     if args.toy_command == "sample":

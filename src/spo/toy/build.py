@@ -1,8 +1,11 @@
 """`spo toy build`: train the tiny base models from scratch on toy-world renders.
 
-One VAE (shared architecture, trained once), then per family a UNet trained jointly with its text
-encoder(s) on epsilon prediction, with 10 % caption dropout so classifier-free guidance works. Weights are
-stored in fp16 to keep the repository small; configs say float32, so they load as fp32.
+One VAE (shared architecture, trained once; then its decoder alone is fine-tuned, as SD's ft-MSE VAE was,
+which keeps the latent space), then per family a UNet trained jointly with its text encoder(s) on epsilon
+prediction with min-SNR weighting and an EMA of the weights, with 10 % caption dropout so classifier-free
+guidance works. `continue_from` resumes all of this from an earlier build (same latent space: the encoder
+is frozen), so a longer budget need not start over. Weights are stored in fp16 to keep the repository
+small; configs say float32, so they load as fp32.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ from spo.toy.render import render_dataset
 
 TOY_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "toy_models"
 # The budget the shipped models were built with (build_info.json records it); `spo toy build` defaults to it.
-DEFAULT_BUDGET = {"n_images": 6000, "vae_steps": 400, "unet_steps": 2000, "batch": 32}
+DEFAULT_BUDGET = {"n_images": 6000, "vae_steps": 400, "decoder_steps": 1500, "unet_steps": 5000, "batch": 32}
+SNR_GAMMA = 5.0  # min-SNR-gamma loss weighting (Hang et al. 2023): converges ~3x faster than plain epsilon MSE
+EMA_DECAY = 0.999
 
 
 def _images_to_tensor(images) -> torch.Tensor:
@@ -48,13 +53,35 @@ def train_vae(vae, pixels: torch.Tensor, steps: int, batch: int, seed: int) -> t
         opt.step()
     vae.eval()
     with torch.no_grad():
-        return torch.cat([vae.encode(pixels[i : i + 256]).latent_dist.mean for i in range(0, len(pixels), 256)])
+        return _encode(vae, pixels)
+
+
+def finetune_decoder(vae, latents: torch.Tensor, pixels: torch.Tensor, steps: int, batch: int, seed: int) -> None:
+    """Decoder-only fine-tuning on fixed (unscaled) latents: sharper, truer colours, same latent space."""
+    g = torch.Generator().manual_seed(seed + 1)
+    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.05)
+    vae.train()
+    for _ in tqdm(range(steps), desc="vae decoder", unit="step"):
+        idx = torch.randint(0, len(pixels), (batch,), generator=g)
+        recon = vae.decode(latents[idx]).sample
+        # L1 next to MSE: flat colour areas and hard edges matter more here than the (unlearnable) grain.
+        loss = F.mse_loss(recon, pixels[idx]) + 0.5 * F.l1_loss(recon, pixels[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    vae.eval()
 
 
 def train_denoiser(pipe, latents: torch.Tensor, captions: list[str], steps: int, batch: int, seed: int, lr: float = 1e-3):
+    from diffusers.training_utils import EMAModel, compute_snr
+
     g = torch.Generator().manual_seed(seed)
     params = list(pipe.unet.parameters()) + [p for m in trainable_text_encoders(pipe) for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    ema = EMAModel(params, decay=EMA_DECAY)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
     noise_sched = pipe.scheduler
     alphas = noise_sched.alphas_cumprod
@@ -79,20 +106,30 @@ def train_denoiser(pipe, latents: torch.Tensor, captions: list[str], steps: int,
                 cond.added_cond_kwargs["text_embeds"] = torch.where(
                     drop.view(-1, 1), uncond.added_cond_kwargs["text_embeds"], cond.added_cond_kwargs["text_embeds"])
         pred = pipe.unet(zt, t, **cond.unet_kwargs()).sample
-        loss = F.mse_loss(pred, noise)
+        snr = compute_snr(noise_sched, t)
+        weight = torch.clamp(snr, max=SNR_GAMMA) / snr
+        loss = (weight * F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
+        ema.step(params)
         bar.set_postfix(loss=f"{loss.item():.4f}")
+    ema.copy_to(params)
     for m in [pipe.unet, *trainable_text_encoders(pipe)]:
         m.eval()
 
 
 def build(out_dir: Path = TOY_MODEL_DIR, families=("sd15", "sdxl"), n_images: int = DEFAULT_BUDGET["n_images"],
           vae_steps: int = DEFAULT_BUDGET["vae_steps"], unet_steps: int = DEFAULT_BUDGET["unet_steps"],
-          batch: int = DEFAULT_BUDGET["batch"], seed: int = 0) -> dict:
+          batch: int = DEFAULT_BUDGET["batch"], seed: int = 0, decoder_steps: int = DEFAULT_BUDGET["decoder_steps"],
+          continue_from: Path | None = None) -> dict:
+    """Train (or, with `continue_from`, keep training) the toy pipelines; returns the build record.
+
+    `build_info.json` keeps one entry per stage in `history`, so a model continued over several sessions
+    still says exactly what it took and on what machine.
+    """
     from spo.io import atomic_dir, write_json
 
     torch.manual_seed(seed)
@@ -101,22 +138,38 @@ def build(out_dir: Path = TOY_MODEL_DIR, families=("sd15", "sdxl"), n_images: in
     data = render_dataset(n_images, seed=seed, split="train")
     captions = [s.caption for s, _, _ in data]
     pixels = _images_to_tensor([im for _, _, im in data])
-    info = {"seed": seed, "n_images": n_images, "vae_steps": vae_steps, "unet_steps": unet_steps, "batch": batch,
+    info = {"seed": seed, "n_images": n_images, "vae_steps": 0 if continue_from else vae_steps,
+            "decoder_steps": decoder_steps, "unet_steps": unet_steps, "batch": batch,
+            "snr_gamma": SNR_GAMMA, "ema_decay": EMA_DECAY,
             "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads".strip(),
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
-    pipes = {f: fresh_pipeline(f, seed) for f in families}
-    vae = pipes[families[0]].vae
-    latents = train_vae(vae, pixels, vae_steps, batch, seed)
-    scale = float(1.0 / latents.std())  # unit-variance latents, as SD's 0.18215 does for its VAE
-    vae.register_to_config(scaling_factor=scale)
-    latents = latents * scale
+    history = []
+    if continue_from is not None:
+        from spo.toy.sampling import load_toy_pipeline
+
+        continue_from = Path(continue_from)
+        pipes = {f: load_toy_pipeline(f, continue_from / f) for f in families}
+        before = json.loads((continue_from / families[0] / "build_info.json").read_text())
+        history = before.get("history") or [before]
+        info["continued_from"] = str(continue_from)
+        vae = pipes[families[0]].vae
+        with torch.no_grad():
+            latents = _encode(vae, pixels)
+    else:
+        pipes = {f: fresh_pipeline(f, seed) for f in families}
+        vae = pipes[families[0]].vae
+        latents = train_vae(vae, pixels, vae_steps, batch, seed)
+        vae.register_to_config(scaling_factor=float(1.0 / latents.std()))  # unit-variance latents, as SD's 0.18215
+    if decoder_steps:
+        finetune_decoder(vae, latents, pixels, decoder_steps, batch, seed)
+    latents = latents * vae.config.scaling_factor
     info["vae_seconds"] = round(time.time() - started, 1)
     for family in families:
         t0 = time.time()
         pipe = pipes[family]
-        pipe.vae = vae
         pipe.register_modules(vae=vae)
-        train_denoiser(pipe, latents, captions, unet_steps, batch, seed)
+        if unet_steps:
+            train_denoiser(pipe, latents, captions, unet_steps, batch, seed)
         info[f"{family}_unet_seconds"] = round(time.time() - t0, 1)
         with atomic_dir(Path(out_dir) / family) as tmp:
             pipe.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
@@ -125,9 +178,14 @@ def build(out_dir: Path = TOY_MODEL_DIR, families=("sd15", "sdxl"), n_images: in
             _slim_tokenizers(tmp)
             write_json(tmp / "build_info.json", info)
     info["total_seconds"] = round(time.time() - started, 1)
+    info["history"] = [*history, {k: v for k, v in info.items() if k != "history"}]
     for family in families:
         write_json(Path(out_dir) / family / "build_info.json", info)
     return info
+
+
+def _encode(vae, pixels: torch.Tensor) -> torch.Tensor:
+    return torch.cat([vae.encode(pixels[i : i + 256]).latent_dist.mean for i in range(0, len(pixels), 256)])
 
 
 def _mark_float32(folder: Path) -> None:

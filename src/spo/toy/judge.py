@@ -3,18 +3,20 @@
 Nothing here is learned. The aesthetic score estimates the severity of each hidden defect from what it
 does to the pixels (noise, soft edges, blocks, washed-out colours, a shape pushed into the border) and
 returns minus their estimated sum. Alignment segments the shape from the background and checks its
-colour (nearest palette colour) and its shape (geometry of the silhouette) against the caption.
-The judge knows the palette (`world.COLORS`, `world.BACKGROUNDS`) but never sees the scene or defects.
+colour (nearest palette colour) and its shape (a matched filter over outlines of every shape, size, blur
+and position) against the caption. The judge knows the world's vocabulary (`world.COLORS`,
+`world.BACKGROUNDS`, `world.shape_polygon`) but never sees the scene or defects.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
-from spo.toy.world import BACKGROUNDS, COLORS, POSITIONS, parse_caption
+from spo.toy.world import BACKGROUNDS, COLORS, IMAGE_SIZE, POSITIONS, SHAPES, parse_caption, shape_polygon
 
 _COLOR_NAMES = tuple(COLORS)
 _COLOR_ARR = np.array([COLORS[c] for c in _COLOR_NAMES], dtype=np.float64) / 255.0
@@ -252,43 +254,86 @@ def aesthetic_batch(images: Sequence[Image.Image | np.ndarray]) -> np.ndarray:
 # ----------------------------------------------------------------------------------------- alignment
 
 
+# Shape templates: every outline the renderer can draw (sizes 4..14.5 px covers small/large and the enlarged
+# "cramped" shapes), each sharp and blurred, matched at every position including partly outside the frame.
+_T_RADII = np.arange(4.0, 14.6, 0.5)
+_T_BLURS = (0.0, 0.9, 1.8)
+_T_SIDE = 40  # template canvas (pixels), large enough for the biggest blurred outline
+_T_MARGIN = 4  # centres up to this far outside the image (shapes pushed into the border)
+_FFT = IMAGE_SIZE + _T_SIDE  # linear (not circular) correlation
+
+
+def _gaussian_blur(a: np.ndarray, sigma: float) -> np.ndarray:
+    if sigma <= 0:
+        return a
+    k = np.exp(-0.5 * (np.arange(-6, 7) / sigma) ** 2)
+    k /= k.sum()
+    a = np.apply_along_axis(np.convolve, 0, a, k, mode="same")
+    return np.apply_along_axis(np.convolve, 1, a, k, mode="same")
+
+
+def _outline(shape: str, r: float, supersample: int = 4) -> np.ndarray:
+    side = _T_SIDE * supersample
+    img = Image.new("L", (side, side), 0)
+    c, rr = side / 2, r * supersample
+    poly = shape_polygon(shape, c, c, rr)
+    if poly is None:
+        ImageDraw.Draw(img).ellipse([c - rr, c - rr, c + rr, c + rr], fill=255)
+    else:
+        ImageDraw.Draw(img).polygon(poly, fill=255)
+    return np.asarray(img.resize((_T_SIDE, _T_SIDE), Image.BOX), dtype=np.float64) / 255.0
+
+
+def _window(a: np.ndarray) -> np.ndarray:
+    lo = _T_SIDE // 2 - _T_MARGIN
+    return a[..., lo : lo + IMAGE_SIZE + 2 * _T_MARGIN, lo : lo + IMAGE_SIZE + 2 * _T_MARGIN]
+
+
+@functools.cache
+def _template_bank() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(shape name per template, spectra of the flipped templates, template energy inside the frame per centre)."""
+    names, templates = [], []
+    for shape in SHAPES:
+        for r in _T_RADII:
+            base = _outline(shape, float(r))
+            for b in _T_BLURS:
+                names.append(shape)
+                templates.append(_gaussian_blur(base, b))
+    t = np.stack(templates)[:, ::-1, ::-1]
+    spectra = np.fft.rfft2(t, s=(_FFT, _FFT))
+    frame = np.fft.rfft2(np.ones((IMAGE_SIZE, IMAGE_SIZE)), s=(_FFT, _FFT))
+    energy = _window(np.fft.irfft2(frame[None] * np.fft.rfft2(t**2, s=(_FFT, _FFT)), s=(_FFT, _FFT)))
+    return np.array(names), spectra.astype(np.complex64), energy
+
+
+def _matched_shape(cov: np.ndarray) -> str:
+    """The shape whose best-placed template explains the coverage map best (least squares, free amplitude).
+
+    Residual of cov ~ a * T at a centre = sum(cov^2) - <cov, T>^2 / <T, T>, so the best fit maximises
+    <cov, T>^2 / <T, T>; both terms for all centres come from one FFT correlation per template.
+    """
+    names, spectra, energy = _template_bank()
+    if cov.shape != (IMAGE_SIZE, IMAGE_SIZE):
+        cov = np.asarray(Image.fromarray(cov.astype(np.float32)).resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR))
+    corr = _window(np.fft.irfft2(np.fft.rfft2(cov.astype(np.float32), s=(_FFT, _FFT))[None] * spectra, s=(_FFT, _FFT)))
+    gain = np.where(energy > 1e-3, np.maximum(corr, 0.0) ** 2 / np.maximum(energy, 1e-3), 0.0)
+    return str(names[int(np.argmax(gain.reshape(len(names), -1).max(axis=1)))])
+
+
 def classify(image: Image.Image | np.ndarray) -> tuple[str, str] | None:
     """(shape, colour) the image shows, or None when no foreground shape can be found.
 
     Colour: the palette colour (with a palette background) that best explains the foreground and
     background medians, allowing for a blend toward gray; on undimmed images this is the nearest
-    palette colour. Shape: fill of the soft extent (square ~1, circle ~pi/4, triangle and diamond
-    ~1/2), then where the mass sits vertically (a triangle's is low, a diamond's central).
+    palette colour. Shape: the best matched filter over all outlines (see `_matched_shape`), which stays
+    right under blur, grain and cropping where simple silhouette statistics (fill, mass position) do not.
     """
     x = _array(image)
-    h, w = x.shape[:2]
-    bg, fg, cov, mask = _segment(x)
-    if float(np.linalg.norm(fg - bg)) < 0.05:
+    bg, fg, cov, _ = _segment(x)
+    if float(np.linalg.norm(fg - bg)) < 0.05 or (cov > 0.5).sum() < 4:
         return None
     _, _, ci = _fade(bg, fg)
-    color = _COLOR_NAMES[ci]
-    hard = cov > 0.5
-    if hard.sum() < 4:
-        return None
-    ys, xs = np.nonzero(hard)
-    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-    box = cov[max(y0 - 1, 0) : y1 + 1, max(x0 - 1, 0) : x1 + 1]
-    # Soft extents: the widest row and the tallest column of coverage (a side, a diameter, a diagonal).
-    rows, cols = box.sum(axis=1), box.sum(axis=0)
-    fill = float(box.sum() / max(rows.max() * cols.max(), 1e-9))
-    # Where the mass sits between the top and the bottom of the silhouette (triangles: low).
-    ypos = np.arange(rows.size) + 0.5
-    cy = float((rows * ypos).sum() / max(rows.sum(), 1e-9))
-    on = np.nonzero(rows > 0.5)[0]
-    top, bottom = on.min(), on.max() + 1
-    cyr = (cy - top) / max(bottom - top, 1)
-    if fill > 0.89:
-        shape = "square"
-    elif fill > 0.65:
-        shape = "circle"
-    else:
-        shape = "triangle" if cyr > 0.55 else "diamond"
-    return shape, color
+    return _matched_shape(cov), _COLOR_NAMES[ci]
 
 
 def alignment(image: Image.Image | np.ndarray, caption: str) -> int:

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from spo.toy.world import BACKGROUNDS, COLORS, IMAGE_SIZE, POSITIONS, SIZES, Scene
+from spo.toy.world import BACKGROUNDS, COLORS, IMAGE_SIZE, POSITIONS, SIZES, Scene, shape_polygon
 
 SUPERSAMPLE = 4  # clean renders are drawn 4x larger and box-filtered down (anti-aliased edges)
 
@@ -44,24 +44,13 @@ def sample_defects(rng: np.random.Generator, p_present: float = 0.45) -> Defects
     return Defects(**values)
 
 
-def _shape_polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]] | None:
-    if shape == "square":
-        r *= 0.86  # equal visual weight with the circle
-        return [(cx - r, cy - r), (cx + r, cy - r), (cx + r, cy + r), (cx - r, cy + r)]
-    if shape == "triangle":
-        return [(cx, cy - r), (cx + r, cy + r * 0.8), (cx - r, cy + r * 0.8)]
-    if shape == "diamond":
-        return [(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)]
-    return None  # circle
-
-
 def _draw(scene: Scene, side: int, scale: float, shift: tuple[float, float]) -> Image.Image:
     img = Image.new("RGB", (side, side), BACKGROUNDS[scene.background])
     draw = ImageDraw.Draw(img)
     px, py = POSITIONS[scene.position]
     cx, cy = (px + shift[0]) * side, (py + shift[1]) * side
     r = SIZES[scene.size] * scale * side / 2
-    poly = _shape_polygon(scene.shape, cx, cy, r)
+    poly = shape_polygon(scene.shape, cx, cy, r)
     color = COLORS[scene.color]
     if poly is None:
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)

@@ -44,6 +44,18 @@ POSITIONS: dict[str, tuple[float, float]] = {  # (x, y) of the shape's centre as
 IMAGE_SIZE = 32
 
 
+def shape_polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]] | None:
+    """Outline of a shape centred at (cx, cy) with half-extent r, in pixels; None for the circle."""
+    if shape == "square":
+        r *= 0.86  # equal visual weight with the circle
+        return [(cx - r, cy - r), (cx + r, cy - r), (cx + r, cy + r), (cx - r, cy + r)]
+    if shape == "triangle":
+        return [(cx, cy - r), (cx + r, cy + r * 0.8), (cx - r, cy + r * 0.8)]
+    if shape == "diamond":
+        return [(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)]
+    return None  # circle
+
+
 @dataclass(frozen=True)
 class Scene:
     shape: str
