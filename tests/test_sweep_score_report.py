@@ -127,17 +127,10 @@ def test_sweep_bad_input(tmp_path, capsys, lora):
     assert not out.exists()
 
 
-def test_report_for_sweep_and_training_run(sweep_dir, lora, tmp_path):
+def _training_run(tmp_path, lora):
+    """A training output folder as `spo train` leaves it."""
     import shutil
 
-    from spo.show.report import build_report
-
-    # A sweep report: grid, plot and suggested strengths inline.
-    html = build_report(sweep_dir).read_text()
-    assert "grid.png" in html and "score_vs_strength.png" in html and "suggested strength" in html
-    assert all(c["file"] in html for c in json.loads((sweep_dir / "sweep.json").read_text())["cells"])
-
-    # A training output folder as `spo train` leaves it.
     run = tmp_path / "run"
     (run / "lora").mkdir(parents=True)
     shutil.copy(lora, run / "lora" / "pytorch_lora_weights.safetensors")
@@ -148,6 +141,18 @@ def test_report_for_sweep_and_training_run(sweep_dir, lora, tmp_path):
         Image.new("RGB", (64, 64), (40 * e, 90, 90)).save(run / "samples" / f"epoch-{e:03d}.png")
     history = [{"loss": 0.69 - 0.01 * i, "kept_fraction": 0.5, "mean_score": 0.1 * i, "epoch": i // 2} for i in range(4)]
     (run / "history.json").write_text(json.dumps(history))
+    return run
+
+
+def test_report_for_sweep_and_training_run(sweep_dir, lora, tmp_path):
+    from spo.show.report import build_report
+
+    # A sweep report: grid, plot and suggested strengths inline.
+    html = build_report(sweep_dir).read_text()
+    assert "grid.png" in html and "score_vs_strength.png" in html and "suggested strength" in html
+    assert all(c["file"] in html for c in json.loads((sweep_dir / "sweep.json").read_text())["cells"])
+
+    run = _training_run(tmp_path, lora)
     r = run_cli("report", run, "--pairs", 2, "--sweep", sweep_dir, "--out", tmp_path / "report.html")
     assert r.returncode == 0, r.stderr
     html = (tmp_path / "report.html").read_text()
@@ -155,3 +160,51 @@ def test_report_for_sweep_and_training_run(sweep_dir, lora, tmp_path):
                  "before_after_pairs", "grid.png", "score_vs_strength.png", "judge aesthetic"):
         assert name in html, name
     assert html.count("data:image/png;base64,") >= 7
+
+
+def _chromium():
+    import os
+    import shutil
+
+    found = shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
+    if not all(found):
+        if os.environ.get("SPO_REQUIRE_BROWSER"):  # CI installs Debian's chromium: there a skip would hide a failure
+            pytest.fail("SPO_REQUIRE_BROWSER is set but chromium/chromedriver are not installed")
+        pytest.skip("Debian's chromium and chromium-driver are not installed")
+    return found
+
+
+def test_report_renders_in_headless_chromium(sweep_dir, lora, tmp_path):
+    """The report opens in a real browser: no console errors, every image decodes, the page is not blank."""
+    pytest.importorskip("selenium")
+    import io
+
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    browser, driver_path = _chromium()
+    run = _training_run(tmp_path, lora)
+    r = run_cli("report", run, "--pairs", 2, "--sweep", sweep_dir, "--out", tmp_path / "report.html")
+    assert r.returncode == 0, r.stderr
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1200,1600"):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
+    try:
+        driver.get((tmp_path / "report.html").resolve().as_uri())
+        assert driver.execute_script("return document.readyState") == "complete"
+        images = driver.execute_script(
+            "return Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.alt])")
+        assert len(images) >= 7
+        broken = [alt for complete, width, alt in images if not (complete and width > 0)]
+        assert not broken, f"images that did not decode: {broken}"
+        errors = [e for e in driver.get_log("browser") if e["level"] in ("SEVERE", "ERROR")]
+        assert not errors, errors
+        shot = Image.open(io.BytesIO(driver.get_screenshot_as_png())).convert("RGB")
+    finally:
+        driver.quit()
+    pixels = np.asarray(shot)
+    assert pixels.std() > 10, "blank screenshot"
+    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 200, "screenshot shows almost no distinct colours"
