@@ -3,6 +3,7 @@
     python benchmarks/run.py spo-iteration   # trainer vs the reference loop: time and peak-memory ratios
     python benchmarks/run.py judge-cost      # decode + score of k candidates against one CFG UNet step
     python benchmarks/run.py train-default   # `spo train` with no arguments: wall-clock and peak RSS
+    python benchmarks/run.py merge-sdxl      # `spo merge` of two full-size SDXL files + a rank-64 LoRA vs plain disk I/O
 
 Ratios are always against a baseline measured in the same run. Memory on CPU is the peak RSS growth of a
 fresh process over its RSS after loading the models (each arm runs in its own process).
@@ -200,6 +201,132 @@ def train_default(args) -> dict:
             "judge": {k: v for k, v in report.items() if k != "text"}}
 
 
+# --------------------------------------------------------------------------------------- merge-sdxl
+def _sdxl_layout(size: str):
+    """Original-layout key -> (shape, dtype) of a full-size SDXL checkpoint (built on the meta device), or the toy's."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from spo.formats import single_file as sf
+
+    if size == "toy":
+        from spo.toy.sampling import load_toy_pipeline
+
+        pipe = load_toy_pipeline("sdxl")
+    else:
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+        cfg = sf.CONFIG_DIR / "sdxl"
+        with torch.device("meta"):
+            pipe = SimpleNamespace(
+                unet=UNet2DConditionModel.from_config(sf.unet_config(cfg)), vae=AutoencoderKL.from_config(sf.vae_config(cfg)),
+                text_encoder=CLIPTextModel(CLIPTextConfig.from_pretrained(cfg / "text_encoder")),
+                text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(cfg / "text_encoder_2")))
+    return pipe, {k: tuple(v.shape) for k, v in sf.pipeline_to_original(pipe).items()}
+
+
+def _random_checkpoint(path: Path, shapes: dict, seed: int) -> None:
+    """Random fp16 weights, written tensor by tensor (never the whole model in memory)."""
+    import torch
+
+    from spo.merge import write_streaming
+
+    g = torch.Generator().manual_seed(seed)
+    keys = sorted(shapes)
+    tensors = ((k, (torch.randn(shapes[k], generator=g) * 0.02).to(torch.float16)) for k in keys)
+    write_streaming(path, keys, shapes, {k: torch.float16 for k in keys}, tensors, {"title": path.stem})
+
+
+def _random_attention_lora(path: Path, pipe, rank: int, seed: int) -> int:
+    """A webui/kohya LoRA on every UNet attention projection (the published SPO SDXL LoRA's layout)."""
+    import torch
+
+    from spo.formats.webui_lora import webui_module_name
+    from spo.io import save_safetensors
+
+    g = torch.Generator().manual_seed(seed)
+    cfg, out = dict(pipe.unet.config), {}
+    for name, module in pipe.unet.named_modules():
+        if isinstance(module, torch.nn.Linear) and (name.split(".")[-1] in ("to_q", "to_k", "to_v") or name.endswith("to_out.0")):
+            w = webui_module_name("unet", name, "sdxl", cfg)
+            out[f"{w}.lora_down.weight"] = torch.randn(rank, module.in_features, generator=g) * 0.01
+            out[f"{w}.lora_up.weight"] = torch.randn(module.out_features, rank, generator=g) * 0.01
+            out[f"{w}.alpha"] = torch.tensor(float(rank))
+    save_safetensors(out, path, metadata={"ss_network_dim": str(rank), "ss_network_alpha": str(rank)})
+    return len(out) // 3
+
+
+def _drop_cache(*paths: Path) -> None:
+    """Evict the files from the page cache, so each arm reads from the disk (Linux; a no-op elsewhere)."""
+    for p in paths:
+        if p.exists() and hasattr(os, "posix_fadvise"):
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def _disk_copy(inputs: list[Path], out: Path, out_bytes: int, chunk: int = 64 << 20) -> float:
+    """The disk baseline: read every input once and write `out_bytes` sequentially, fsynced; seconds."""
+    start = time.time()
+    with open(out, "wb") as f:
+        written = 0
+        for p in inputs:
+            with open(p, "rb") as src:
+                while block := src.read(chunk):
+                    if written < out_bytes:
+                        f.write(block[: out_bytes - written])
+                        written += min(len(block), out_bytes - written)
+        f.flush()
+        os.fsync(f.fileno())
+    return time.time() - start
+
+
+def merge_sdxl(args) -> dict:
+    import shutil
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    pipe, shapes = _sdxl_layout(args.size)
+    a, b, lora, merged = work / "a.safetensors", work / "b.safetensors", work / "lora.safetensors", work / "merged.safetensors"
+    _random_checkpoint(a, shapes, 1)
+    _random_checkpoint(b, shapes, 2)
+    modules = _random_attention_lora(lora, pipe, args.rank, 3)
+    setup = time.time() - t0
+    (work / "recipe.toml").write_text(
+        'base = "a.safetensors"\noutput = "merged.safetensors"\ndtype = "fp16"\n\n'
+        '[[checkpoint]]\nmethod = "weighted_sum"\nmodel = "b.safetensors"\nmultiplier = 0.3\n\n'
+        '[[lora]]\npath = "lora.safetensors"\nstrength = 1.0\n')
+    sizes = {p.name: p.stat().st_size for p in (a, b, lora)}
+    _drop_cache(a, b, lora)
+    disk_s = _disk_copy([a, b, lora], work / "copy.bin", sizes["a.safetensors"])
+    (work / "copy.bin").unlink()
+    _drop_cache(a, b, lora)
+    cmd = ["spo", "merge", str(work / "recipe.toml")]
+    start = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    merge_s = time.time() - start
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    if proc.returncode:
+        raise SystemExit(proc.stderr[-3000:])
+    result = {
+        "size": args.size, "tensors": len(shapes), "params": int(sum(__import__("math").prod(s) for s in shapes.values())),
+        "file_bytes": sizes, "lora_modules": modules, "lora_rank": args.rank, "setup_seconds": round(setup, 1),
+        "disk_baseline_seconds": round(disk_s, 2), "merge_seconds": round(merge_s, 2),
+        "speed_vs_disk": round(disk_s / merge_s, 3), "merge_peak_rss_mb": round(peak, 1),
+        "goal": "peak RSS < 8192 MB and speed_vs_disk >= 0.5 (issue 5)", "command_measured": " ".join(cmd),
+        "baseline": "read both checkpoints and the LoRA once and write one checkpoint's bytes, fsynced, page cache "
+                    "dropped before each arm (posix_fadvise)", "merge_stdout": proc.stdout[-800:]}
+    if not args.keep:
+        shutil.rmtree(work)
+    return result
+
+
 def main(argv: list[str]) -> None:
     if argv and argv[0] == "_arm":
         sys.path.insert(0, str(HERE))
@@ -217,9 +344,15 @@ def main(argv: list[str]) -> None:
     j.add_argument("--batch", type=int, default=8)
     t = sub.add_parser("train-default")
     t.add_argument("--out", default="outputs/bench-train-default")
+    m = sub.add_parser("merge-sdxl")
+    m.add_argument("--size", choices=["full", "toy"], default="full", help="full-size SDXL layout, or the toy's (a quick check)")
+    m.add_argument("--rank", type=int, default=64)
+    m.add_argument("--work", default="outputs/bench-merge", help="scratch folder (about 21 GB at full size)")
+    m.add_argument("--keep", action="store_true", help="keep the scratch files")
     args = parser.parse_args(argv)
-    fn = {"spo-iteration": spo_iteration, "judge-cost": judge_cost, "train-default": train_default}[args.name]
-    suffix = f"-{args.family}" if hasattr(args, "family") else ""
+    fn = {"spo-iteration": spo_iteration, "judge-cost": judge_cost, "train-default": train_default,
+          "merge-sdxl": merge_sdxl}[args.name]
+    suffix = f"-{args.family}" if hasattr(args, "family") else "-toy" if getattr(args, "size", "full") == "toy" else ""
     save(args.name + suffix, fn(args), [str(Path(__file__).relative_to(Path.cwd())) if Path.cwd() in Path(__file__).parents else __file__, *argv])
 
 

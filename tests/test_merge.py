@@ -93,3 +93,25 @@ def test_recipe_validation_is_one_line(tmp_path):
             run_recipe(load_recipe(_recipe(tmp_path, text)))
     r = spo("merge", str(_recipe(tmp_path, 'base = "/etc/passwd"\noutput = "m.safetensors"\n')))
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "outside" in r.stderr, r.stderr
+
+
+def test_output_equal_to_an_input_is_refused(tmp_path):
+    _checkpoints(tmp_path, "sd15")
+    before = (tmp_path / "b.safetensors").read_bytes()
+    r = _recipe(tmp_path, 'base = "a.safetensors"\noutput = "b.safetensors"\n'
+                          '[[checkpoint]]\nmodel = "b.safetensors"\nmultiplier = 0.5\n')
+    with pytest.raises(SpoInputError, match="one of the recipe's inputs"):
+        run_recipe(load_recipe(r))
+    # The same through the CLI override, spelled differently (./a.safetensors is the base).
+    res = spo("merge", str(r), "--out", str(tmp_path / "." / "a.safetensors"))
+    assert res.returncode == 2 and "never overwritten" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert (tmp_path / "b.safetensors").read_bytes() == before
+
+
+def test_lora_for_the_wrong_family_lists_what_did_not_match(tmp_path):
+    sf.save_single_file(load_pipeline("toy:sdxl"), tmp_path / "base.safetensors")
+    webui = export_lora(make_diffusers_lora("sd15", tmp_path / "lora"), tmp_path, formats=("webui",), name="sd15lora")["webui"]
+    r = _recipe(tmp_path, f'base = "base.safetensors"\noutput = "m.safetensors"\n[[lora]]\npath = "{webui.name}"\n')
+    with pytest.raises(SpoInputError, match=r"a sd15 LoRA on a sdxl base: \d+ of \d+ modules match no base weight, e\.g\. unet\."):
+        run_recipe(load_recipe(r))
+    assert not (tmp_path / "m.safetensors").exists()

@@ -237,21 +237,46 @@ class _Delta:
     rows: tuple[int, int] | None
 
 
-def lora_deltas(step: LoraStep, family: str, unet_cfg: dict, shapes: dict) -> dict[str, list[_Delta]]:
-    """original key -> the LoRA terms to add to it (W' = W + s * block * (alpha/rank) * up @ down)."""
-    from spo.formats.webui_lora import load_lora, modules_of
+def _same_path(a: Path, b: Path) -> bool:
+    a, b = Path(a), Path(b)
+    if a.exists() and b.exists():
+        return a.samefile(b)
+    return a.resolve() == b.resolve()
 
-    state_dict, rank, alpha, _ = load_lora(step.path, family=family, unet_config=unet_cfg)
+
+def lora_deltas(step: LoraStep, family: str, unet_cfg: dict, shapes: dict) -> dict[str, list[_Delta]]:
+    """original key -> the LoRA terms to add to it (W' = W + s * block * (alpha/rank) * up @ down).
+
+    Every LoRA module must land on a base weight of the right shape; otherwise the error lists the modules
+    that did not (a LoRA for another model changes nothing, and saying so beats a silent no-op merge).
+    """
+    from spo.formats.webui_lora import load_lora, lora_family, modules_of, read_safetensors
+
+    found = lora_family(*read_safetensors(step.path))
+    # Converted with its own family's layout; only a same-family LoRA can use the base's exact UNet config.
+    state_dict, rank, alpha, _ = load_lora(step.path, unet_config=unet_cfg if found == family else None)
+    modules = modules_of(state_dict)
     out: dict[str, list[_Delta]] = {}
-    for (component, path), pair in modules_of(state_dict).items():
-        if component == "unet":
-            key, rows = sf.UNET_PREFIX + sf.unet_key_to_original(path + ".weight", unet_cfg), None
-        else:
-            key, rows = sf.text_encoder_key_to_original(path + ".weight", family, component)
-        if key not in shapes:
-            raise SpoInputError(f"{step.path.name}: LoRA module {component}.{path} has no weight {key} in the base")
+    unmatched = []
+    for (component, path), pair in modules.items():
+        try:
+            if component == "unet":
+                key, rows = sf.UNET_PREFIX + sf.unet_key_to_original(path + ".weight", unet_cfg), None
+            else:
+                key, rows = sf.text_encoder_key_to_original(path + ".weight", family, component)
+        except (KeyError, ValueError, IndexError, SpoInputError):
+            key, rows = None, None
+        expect = (pair["up"].shape[0] * (rows[1] if rows else 1), pair["down"].shape[1])
+        if key not in shapes or tuple(shapes[key][:2]) != expect:
+            unmatched.append(f"{component}.{path}" + (f" ({key}: base {list(shapes[key])}, LoRA {list(expect)})"
+                                                       if key in shapes else ""))
+            continue
         scale = step.strength * step.blocks.get(block_of(key), 1.0) * alpha / rank
         out.setdefault(key, []).append(_Delta(pair["down"].float(), pair["up"].float(), scale, rows))
+    if unmatched:
+        what = f"a {found} LoRA on a {family} base" if found != family else f"a {found} LoRA"
+        raise SpoInputError(f"{step.path.name}: {what}: {len(unmatched)} of {len(modules)} modules match no base weight, "
+                            f"e.g. {'; '.join(unmatched[:3])}")
     return out
 
 
@@ -272,6 +297,11 @@ def run_recipe(recipe: Recipe, output: Path | None = None, output_diffusers: Pat
     output_diffusers = output_diffusers or recipe.output_diffusers
     if output is None and output_diffusers is None:
         raise SpoInputError("recipe: give 'output' and/or 'output_diffusers' (or --out/--out-diffusers)")
+    inputs = [recipe.base, *(c.model for c in recipe.checkpoints), *(c.minus for c in recipe.checkpoints if c.minus),
+              *(step.path for step in recipe.loras)]
+    for out in (output, output_diffusers):
+        if out is not None and any(_same_path(out, i) for i in inputs):
+            raise SpoInputError(f"{out}: the output is one of the recipe's inputs; inputs are never overwritten")
     base = Source(recipe.base)
     family = base.family
     unet_cfg = sf.unet_config(sf.config_folder_for(base.shapes, family))
@@ -309,7 +339,7 @@ def run_recipe(recipe: Recipe, output: Path | None = None, output_diffusers: Pat
                         missing[c.model.name] = missing.get(c.model.name, 0) + 1
                         continue
                     if c.method == "weighted_sum":
-                        t = (1 - mult) * t + mult * tb.float()
+                        t = torch.lerp(t, tb.float(), mult)  # (1 - m) A + m B without the temporaries
                     else:
                         t = t + mult * (tb.float() - tc.float())
                 for d in deltas.get(k, []):
@@ -376,7 +406,8 @@ def write_streaming(target: Path, keys: list[str], shapes: dict, dtypes: dict, t
             f.write(first)
             for (k, t), expected in zip(tensors, keys):
                 assert k == expected and t.dtype == dtypes[k], (k, expected)
-                data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+                # A uint8 view, not a bytes copy: hashing and writing read the tensor's own memory.
+                data = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
                 h.update(data)
                 f.write(data)
             digest = h.hexdigest()
