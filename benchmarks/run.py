@@ -3,6 +3,7 @@
     python benchmarks/run.py spo-iteration   # trainer vs the reference loop: time and peak-memory ratios
     python benchmarks/run.py judge-cost      # decode + score of k candidates against one CFG UNet step
     python benchmarks/run.py train-default   # `spo train` with no arguments: wall-clock and peak RSS
+    python benchmarks/run.py quality         # base vs Diffusion-DPO vs SPO on the toy: judge at equal budget, curves
     python benchmarks/run.py merge-sdxl      # `spo merge` of two full-size SDXL files + a rank-64 LoRA vs plain disk I/O
 
 Ratios are always against a baseline measured in the same run. Memory on CPU is the peak RSS growth of a
@@ -201,6 +202,103 @@ def train_default(args) -> dict:
             "judge": {k: v for k, v in report.items() if k != "text"}}
 
 
+# --------------------------------------------------------------------------------------- quality
+def _train_run(cmd: list[str], out: Path) -> list[tuple[float, Path]]:
+    """Run a training command (unless its output exists); its (training seconds, LoRA folder) per epoch."""
+    if not (out / "lora").is_dir():
+        proc = subprocess.run(cmd + ["--output-dir", str(out), "--no-report", "--no-evaluate"], capture_output=True, text=True)
+        if proc.returncode:
+            raise SystemExit(f"{' '.join(cmd)}: {proc.stderr[-3000:]}")
+    points = []
+    for folder in sorted(out.glob("lora-epoch-*")):
+        points.append((json.loads((folder / "training_summary.json").read_text())["seconds"], folder))
+    return points
+
+
+def _judge_arm(base: str, lora: Path | None, n: int, seed: int) -> dict:
+    from spo.models.loading import load_pipeline
+    from spo.toy.evaluate import evaluate_pipeline
+
+    pipe = load_pipeline(base)
+    if lora is not None:
+        pipe.load_lora_weights(str(lora), weight_name="pytorch_lora_weights.safetensors", adapter_name="arm")
+    scores, _ = evaluate_pipeline(pipe, n, seed)
+    return scores["per_image"]
+
+
+def quality(args) -> dict:
+    """Base vs Diffusion-DPO vs SPO on the toy world: judge aesthetic and alignment on held-out captions."""
+    import numpy as np
+
+    fam, work = args.family, Path(args.work) / args.family
+    base = f"toy:{fam}"
+    spo_points = _train_run(["spo", "train", "--preset", f"toy-{fam}", "--epochs", str(args.spo_epochs),
+                             "--seed", str(args.seed)], work / "spo")
+    dpo_cmd = ["spo", "dpo", "--preset", f"dpo-toy-{fam}", "--epochs", str(args.dpo_epochs), "--seed", str(args.seed)]
+    if args.pairs:
+        dpo_cmd += ["--data", args.pairs]
+    dpo_points = _train_run(dpo_cmd, work / "dpo")
+    ref = _judge_arm(base, None, args.n, args.seed)
+    a0, l0 = np.asarray(ref["aesthetic"]), np.asarray(ref["alignment"])
+    sd = float(a0.std(ddof=1))
+
+    def arm(points):
+        rows = []
+        for seconds, folder in points:
+            got = _judge_arm(base, folder, args.n, args.seed)
+            a, al = np.asarray(got["aesthetic"]), np.asarray(got["alignment"])
+            d, dl = a - a0, al - l0
+            rows.append({"lora": str(folder), "train_seconds": seconds, "aesthetic": float(a.mean()),
+                         "gain_in_base_std": float(d.mean() / sd),
+                         "gain_ci95_in_base_std": float(1.96 * d.std(ddof=1) / np.sqrt(len(d)) / sd),
+                         "win_rate": float((d > 0).mean()), "alignment": float(al.mean()),
+                         "alignment_change_points": float(100 * dl.mean()),
+                         "alignment_change_ci95_points": float(100 * 1.96 * dl.std(ddof=1) / np.sqrt(len(dl)))})
+        return rows
+
+    spo_rows, dpo_rows = arm(spo_points), arm(dpo_points)
+    budget = min(spo_rows[-1]["train_seconds"], dpo_rows[-1]["train_seconds"])
+
+    def at_budget(rows):  # the last checkpoint reached within the shared wall-clock budget
+        within = [r for r in rows if r["train_seconds"] <= budget * 1.05]
+        return within[-1] if within else rows[0]
+
+    plot = RESULTS / f"quality-{fam}.png"
+    _plot_quality(plot, spo_rows, dpo_rows, fam)
+    return {"family": fam, "n_per_arm": args.n, "seed": args.seed, "base_std": sd,
+            "base": {"aesthetic": float(a0.mean()), "alignment": float(l0.mean())},
+            "spo": spo_rows, "dpo": dpo_rows, "equal_budget_seconds": budget,
+            "at_equal_budget": {"spo": at_budget(spo_rows), "dpo": at_budget(dpo_rows)},
+            "at_convergence": {"spo": spo_rows[-1], "dpo": dpo_rows[-1]},
+            "plot": str(plot.relative_to(HERE.parent)),
+            "goal": "SPO beats Diffusion-DPO in judge aesthetic at equal budget, alignment within 2 points (issue 7)"}
+
+
+def _plot_quality(path: Path, spo_rows, dpo_rows, family: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for name, rows, color in (("SPO", spo_rows, "tab:blue"), ("Diffusion-DPO", dpo_rows, "tab:orange")):
+        x = [0.0] + [r["train_seconds"] for r in rows]
+        y = [0.0] + [r["gain_in_base_std"] for r in rows]
+        e = [0.0] + [r["gain_ci95_in_base_std"] for r in rows]
+        ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=name, color=color)
+    ax.axhline(0.0, color="gray", lw=0.8)
+    ax.set_xlabel("training wall-clock (s, 2 CPU cores)")
+    ax.set_ylabel("judge aesthetic gain (base std units, 95% CI)")
+    ax.set_title(f"toy {family}: aesthetic against training time")
+    ax.legend()
+    fig.tight_layout()
+    from spo.io import atomic_path
+
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
 # --------------------------------------------------------------------------------------- merge-sdxl
 def _sdxl_layout(size: str):
     """Original-layout key -> (shape, dtype) of a full-size SDXL checkpoint (built on the meta device), or the toy's."""
@@ -293,7 +391,7 @@ def merge_sdxl(args) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     pipe, shapes = _sdxl_layout(args.size)
-    a, b, lora, merged = work / "a.safetensors", work / "b.safetensors", work / "lora.safetensors", work / "merged.safetensors"
+    a, b, lora = work / "a.safetensors", work / "b.safetensors", work / "lora.safetensors"
     _random_checkpoint(a, shapes, 1)
     _random_checkpoint(b, shapes, 2)
     modules = _random_attention_lora(lora, pipe, args.rank, 3)
@@ -344,6 +442,14 @@ def main(argv: list[str]) -> None:
     j.add_argument("--batch", type=int, default=8)
     t = sub.add_parser("train-default")
     t.add_argument("--out", default="outputs/bench-train-default")
+    q = sub.add_parser("quality")
+    q.add_argument("--family", default="sd15")
+    q.add_argument("--n", type=int, default=512, help="held-out images per arm")
+    q.add_argument("--spo-epochs", type=int, default=2)
+    q.add_argument("--dpo-epochs", type=int, default=3)
+    q.add_argument("--pairs", default=None, help="Pick-a-Pic-schema parquet for DPO (default: made from the base)")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--work", default="outputs/bench-quality")
     m = sub.add_parser("merge-sdxl")
     m.add_argument("--size", choices=["full", "toy"], default="full", help="full-size SDXL layout, or the toy's (a quick check)")
     m.add_argument("--rank", type=int, default=64)
@@ -351,7 +457,7 @@ def main(argv: list[str]) -> None:
     m.add_argument("--keep", action="store_true", help="keep the scratch files")
     args = parser.parse_args(argv)
     fn = {"spo-iteration": spo_iteration, "judge-cost": judge_cost, "train-default": train_default,
-          "merge-sdxl": merge_sdxl}[args.name]
+          "merge-sdxl": merge_sdxl, "quality": quality}[args.name]
     suffix = f"-{args.family}" if hasattr(args, "family") else "-toy" if getattr(args, "size", "full") == "toy" else ""
     save(args.name + suffix, fn(args), [str(Path(__file__).relative_to(Path.cwd())) if Path.cwd() in Path(__file__).parents else __file__, *argv])
 

@@ -20,6 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-evaluate", dest="evaluate", action="store_false",
                         help="skip the before/after judge figures of a toy run")
+    parser.add_argument("--no-report", dest="report", action="store_false",
+                        help="skip the HTML report at the end (`spo report` writes it later)")
     parser.add_argument("--eval-images", type=positive_int, default=256,
                         help="images per arm for a toy run's judge figures")
 
@@ -37,7 +39,7 @@ def finish(result: dict, cfg, args: argparse.Namespace) -> int:
 
         report = before_after(cfg.base, result["lora"], n=args.eval_images, seed=cfg.seed, out=result["output_dir"])
         print(report["text"])
-    if "lora" in result:
+    if args.report and "lora" in result:
         from spo.show.report import build_report
 
         print(f"report: {build_report(result['output_dir'], pairs=8 if cfg.base.startswith('toy:') else 0)}")
