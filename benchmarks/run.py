@@ -56,6 +56,16 @@ def current_rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def run_child(cmd: list[str]) -> tuple[subprocess.CompletedProcess, float, float]:
+    """Run a command to completion: (process, wall seconds, peak RSS in MB of the largest child so far)."""
+    start = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.time() - start
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(cmd)}: {proc.stderr[-3000:]}")
+    return proc, wall, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+
+
 # --------------------------------------------------------------------------------------- spo-iteration
 def _iteration_arm(arm: str, family: str, iterations: int, batch: int) -> dict:
     """Run `iterations` SPO iterations (sampling + one optimizer step) with one implementation."""
@@ -190,12 +200,7 @@ def judge_cost(args) -> dict:
 def train_default(args) -> dict:
     out = Path(args.out)
     cmd = ["spo", "train", "--output-dir", str(out)]
-    start = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    wall = time.time() - start
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    if proc.returncode:
-        raise SystemExit(proc.stderr[-3000:])
+    proc, wall, peak = run_child(cmd)
     report = json.loads((out / "before_after.json").read_text()) if (out / "before_after.json").exists() else {}
     return {"command_measured": " ".join(cmd), "wall_seconds": round(wall, 1), "peak_rss_mb": round(peak, 1),
             "goal": "<= 300 s and <= 3072 MB on 2 CPU cores (issue 4)", "stdout_tail": proc.stdout[-1500:],
@@ -206,9 +211,7 @@ def train_default(args) -> dict:
 def _train_run(cmd: list[str], out: Path) -> list[tuple[float, Path]]:
     """Run a training command (unless its output exists); its (training seconds, LoRA folder) per epoch."""
     if not (out / "lora").is_dir():
-        proc = subprocess.run(cmd + ["--output-dir", str(out), "--no-report", "--no-evaluate"], capture_output=True, text=True)
-        if proc.returncode:
-            raise SystemExit(f"{' '.join(cmd)}: {proc.stderr[-3000:]}")
+        run_child(cmd + ["--output-dir", str(out), "--no-report", "--no-evaluate"])
     points = []
     for folder in sorted(out.glob("lora-epoch-*")):
         points.append((json.loads((folder / "training_summary.json").read_text())["seconds"], folder))
@@ -406,12 +409,7 @@ def merge_sdxl(args) -> dict:
     (work / "copy.bin").unlink()
     _drop_cache(a, b, lora)
     cmd = ["spo", "merge", str(work / "recipe.toml")]
-    start = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    merge_s = time.time() - start
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    if proc.returncode:
-        raise SystemExit(proc.stderr[-3000:])
+    proc, merge_s, peak = run_child(cmd)
     result = {
         "size": args.size, "tensors": len(shapes), "params": int(sum(__import__("math").prod(s) for s in shapes.values())),
         "file_bytes": sizes, "lora_modules": modules, "lora_rank": args.rank, "setup_seconds": round(setup, 1),
