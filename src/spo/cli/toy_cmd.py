@@ -26,6 +26,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     b.add_argument("--batch", type=positive_int, default=budget["batch"])
     b.add_argument("--seed", type=int, default=0)
 
+    from spo.toy.clip import DEFAULT_BUDGET as clip_budget
+
+    c = sub.add_parser("clip", help="pretrain a tiny CLIP on toy renders (the toy's PickScore/CLIP, for `spo spm train --init`)")
+    c.add_argument("--out", type=Path, default=Path("outputs/toy_clip"))
+    c.add_argument("--images", type=positive_int, default=clip_budget["n_images"])
+    c.add_argument("--steps", type=positive_int, default=clip_budget["steps"])
+    c.add_argument("--batch", type=positive_int, default=clip_budget["batch"])
+    c.add_argument("--seed", type=int, default=0)
+
     s = sub.add_parser("sample", help="sample a toy base model on held-out captions and judge the images")
     s.add_argument("--family", choices=["sd15", "sdxl"], default="sd15")
     s.add_argument("--model", type=Path, default=None, help="a toy pipeline folder (default: the shipped one)")
@@ -57,6 +66,14 @@ def run(args: argparse.Namespace) -> int:
         info = build(args.out or TOY_MODEL_DIR, families, args.images, args.vae_steps, args.unet_steps, args.batch,
                      args.seed, decoder_steps=args.decoder_steps, continue_from=args.continue_from)
         print(f"built {', '.join(families)} in {info['total_seconds']} s on {info['machine']} -> {args.out or TOY_MODEL_DIR}")
+        return 0
+    if args.toy_command == "clip":
+        from spo.io import check_output_dir
+        from spo.toy.clip import pretrain_clip
+
+        check_output_dir(args.out.parent)
+        info = pretrain_clip(args.out, args.images, args.steps, args.batch, seed=args.seed)
+        print(f"toy CLIP: loss {info['final_loss']} after {info['steps']} steps in {info['seconds']} s -> {args.out}")
         return 0
     if args.toy_command == "sample":
         return _sample(args)
