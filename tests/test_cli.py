@@ -1,7 +1,9 @@
+import json
 import subprocess
 import sys
 
 import pytest
+import torch
 
 
 def spo(*args, cwd=None):
@@ -63,8 +65,38 @@ def test_toy_build_trains_and_writes_loadable_pipelines(tmp_path):
     from diffusers import StableDiffusionXLPipeline
 
     r = spo("toy", "build", "--out", str(tmp_path / "m"), "--family", "sdxl", "--images", "64",
-            "--vae-steps", "2", "--unet-steps", "2", "--batch", "8")
+            "--vae-steps", "2", "--decoder-steps", "2", "--unet-steps", "2", "--batch", "8")
     assert r.returncode == 0, r.stderr
     pipe = StableDiffusionXLPipeline.from_pretrained(tmp_path / "m" / "sdxl", local_files_only=True)
     assert pipe.vae.config.scaling_factor != 0.18215  # set from the trained latents
     assert (tmp_path / "m" / "sdxl" / "build_info.json").is_file()
+
+    # Continuing keeps the latent space (encoder and scaling untouched), trains the rest, records both stages.
+    r = spo("toy", "build", "--continue-from", str(tmp_path / "m"), "--out", str(tmp_path / "m2"), "--family", "sdxl",
+            "--images", "64", "--decoder-steps", "2", "--unet-steps", "2", "--batch", "8")
+    assert r.returncode == 0, r.stderr
+    more = StableDiffusionXLPipeline.from_pretrained(tmp_path / "m2" / "sdxl", local_files_only=True)
+    assert more.vae.config.scaling_factor == pipe.vae.config.scaling_factor
+    enc0, enc1 = pipe.vae.encoder.state_dict(), more.vae.encoder.state_dict()
+    assert all(torch.equal(enc0[k], enc1[k]) for k in enc0)
+    assert not torch.equal(pipe.vae.decoder.conv_out.weight, more.vae.decoder.conv_out.weight)
+    assert not torch.equal(pipe.unet.conv_in.weight, more.unet.conv_in.weight)
+    info = json.loads((tmp_path / "m2" / "sdxl" / "build_info.json").read_text())
+    assert [h.get("continued_from") for h in info["history"]] == [None, str(tmp_path / "m")]
+
+    r = spo("toy", "build", "--continue-from", str(tmp_path / "nothing"), "--out", str(tmp_path / "m3"))
+    assert r.returncode == 2 and "no toy model folders" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_toy_clip_pretrains_a_clip_an_spm_can_start_from(tmp_path):
+    from spo.spm.train import build_spm
+
+    r = spo("toy", "clip", "--out", str(tmp_path / "clip"), "--images", "64", "--steps", "3", "--batch", "16")
+    assert r.returncode == 0, r.stderr
+    spm = build_spm(str(tmp_path / "clip"), True, "sd15")
+    from transformers import CLIPModel
+
+    clip = CLIPModel.from_pretrained(tmp_path / "clip", local_files_only=True)
+    assert all(torch.equal(v, spm.clip.state_dict()[k]) for k, v in clip.state_dict().items())
+    scores = spm(torch.zeros(2, 3, 32, 32), ["a small red circle on a blue background, top left"] * 2, torch.tensor([0, 500]))
+    assert torch.isfinite(scores).all()
