@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Rebuild every shipped toy artefact from scratch, in order, with the project's own commands:
-# the tiny base models, their preference pairs, and a step-aware preference model (SPM) per base model.
-# Measured on 2 CPU cores (2026-11-22, shared with other jobs): about 65 minutes for the models (both families
-# in parallel, one thread each), about 20 for each family's pairs and 11 for each SPM.
+# the tiny base models, their preference pairs, a toy CLIP, and a step-aware preference model (SPM) per base model.
+# The shipped models were built in two stages (`build_info.json` -> history: 2,000 UNet steps, then
+# `--continue-from` with 1,200 decoder and 2,500 UNet steps); one `spo toy build` runs the same total budget.
+# Measured on 2 CPU cores (2026-11-22, shared with other jobs): about 100 minutes for the models (both families
+# in parallel, one thread each), about 20 for each family's pairs, 10 for the toy CLIP and 11 for each SPM.
 set -euo pipefail
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}   # one thread per job: two jobs on two cores without spin contention
 ASSETS=src/spo/assets
@@ -17,18 +19,21 @@ rm -rf "$ASSETS/toy_models/sd15" "$ASSETS/toy_models/sdxl"
 cp -r "$WORK/models/sd15" "$ASSETS/toy_models/sd15"
 cp -r "$WORK/models_xl/sdxl" "$ASSETS/toy_models/sdxl"
 
+# 2. a tiny CLIP pretrained on renders: what PickScore / CLIP-ViT-H-14 are to a real SPM
+spo toy clip --out "$WORK/toy_clip" > "$WORK/toy_clip.log" 2>&1
+
 for family in sd15 sdxl; do
   (
-    # 2. generic preference pairs from the base model's own samples (simulated rater), train and held-out captions
+    # 3. generic preference pairs from the base model's own samples (simulated rater), train and held-out captions
     spo toy pairs --family "$family" -n 1000 --seed 1 --out "$WORK/pairs_${family}_train.parquet"
     spo toy pairs --family "$family" -n 400 --seed 2 --split heldout --out "$WORK/pairs_${family}_heldout.parquet"
-    # 3. the SPM for this base model, and a time-unconditioned one on the same budget for comparison
-    SPM_ARGS=(--base "toy:$family" --steps 400 --batch-size 16 --lr 5e-4 --warmup 40 --weight-decay 0.05
+    # 4. the SPM for this base model, and a time-unconditioned one on the same budget for comparison
+    SPM_ARGS=(--base "toy:$family" --init "$WORK/toy_clip" --steps 400 --batch-size 16 --lr 5e-4 --warmup 40 --weight-decay 0.05
               --checkpoint-every 100 --no-progress)
     spo spm train "$WORK/pairs_${family}_train.parquet" --out "$WORK/spm_$family" "${SPM_ARGS[@]}"
     spo spm train "$WORK/pairs_${family}_train.parquet" --out "$WORK/spm_${family}_untimed" --no-time-conditioning "${SPM_ARGS[@]}"
     rm -rf "$ASSETS/toy_spm/$family" && mkdir -p "$ASSETS/toy_spm" && cp -r "$WORK/spm_$family/spm" "$ASSETS/toy_spm/$family"
-    # 4. evaluation on held-out captions, pairs with a clear judge-aesthetic difference
+    # 5. evaluation on held-out captions, pairs with a clear judge-aesthetic difference
     spo spm eval "$WORK/spm_$family" "$WORK/spm_${family}_untimed" --data "$WORK/pairs_${family}_heldout.parquet" \
       --base "toy:$family" --min-judge-gap 0.5 --out "docs/spm_eval_$family"
   ) > "$WORK/spm_$family.log" 2>&1 &
