@@ -115,3 +115,18 @@ def test_lora_for_the_wrong_family_lists_what_did_not_match(tmp_path):
     with pytest.raises(SpoInputError, match=r"a sd15 LoRA on a sdxl base: \d+ of \d+ modules match no base weight, e\.g\. unet\."):
         run_recipe(load_recipe(r))
     assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_half_precision_weighted_sum_equals_the_fp32_path(tmp_path):
+    # fp16 inputs and output take the fast native-lerp path; the LoRA'd keys take the fp32 path. Both must
+    # equal (1 - m) A + m B computed in fp32 and rounded once.
+    a, b, _ = _checkpoints(tmp_path, "sd15")
+    for name, sd in (("a16", a), ("b16", b)):
+        save_file({k: v.half() for k, v in sd.items()}, str(tmp_path / f"{name}.safetensors"))
+    r = _recipe(tmp_path, 'base = "a16.safetensors"\noutput = "m16.safetensors"\n'
+                          '[[checkpoint]]\nmodel = "b16.safetensors"\nmultiplier = 0.3\n')
+    run_recipe(load_recipe(r))
+    got = load_file(str(tmp_path / "m16.safetensors"))
+    for k in a:
+        expected = torch.lerp(a[k].half().float(), b[k].half().float(), 0.3).half()
+        assert torch.equal(got[k], expected), k
