@@ -43,3 +43,18 @@ def test_family_conditioning_shapes():
     assert torch.count_nonzero(u.encoder_hidden_states) == 0
     out = xl.unet(torch.zeros(1, 4, 16, 16), torch.tensor([10]), **c.unet_kwargs()).sample
     assert out.shape == (1, 4, 16, 16)
+
+
+def test_one_cycle_schedule_runs_for_every_short_budget():
+    # torch's OneCycleLR divides by zero when its warm-up is exactly one step (20 steps at 5 % crashed
+    # `spo toy build --decoder-steps 20`); every step count a user may give must run to the end.
+    import torch
+
+    from spo.toy.build import one_cycle
+
+    for steps in range(1, 130):
+        opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        sched = one_cycle(opt, 1e-3, steps)
+        for _ in range(steps):
+            opt.step()
+            sched.step()

@@ -25,11 +25,17 @@ from spo.toy.models import fresh_pipeline
 from spo.toy.render import render_dataset
 
 TOY_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "toy_models"
-# The budget the shipped models were built with (build_info.json records it); `spo toy build` defaults to it.
 # The shipped models' total budget (build_info.json's `history` records the two stages that made them).
 DEFAULT_BUDGET = {"n_images": 6000, "vae_steps": 400, "decoder_steps": 1200, "unet_steps": 4500, "batch": 32}
 SNR_GAMMA = 5.0  # min-SNR-gamma loss weighting (Hang et al. 2023): converges ~3x faster than plain epsilon MSE
 EMA_DECAY = 0.999
+
+
+def one_cycle(opt: torch.optim.Optimizer, max_lr: float, steps: int):
+    """OneCycleLR with a 5 % warm-up, at least 3 steps of it (at most 40 %): torch's schedule divides by zero
+    when the warm-up phase is exactly one step long (e.g. 20 steps at 5 %)."""
+    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=max_lr, total_steps=steps,
+                                               pct_start=min(0.4, max(0.05, 3.0 / steps)))
 
 
 def _images_to_tensor(images) -> torch.Tensor:
@@ -62,7 +68,7 @@ def finetune_decoder(vae, latents: torch.Tensor, pixels: torch.Tensor, steps: in
     g = torch.Generator().manual_seed(seed + 1)
     params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
     opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.05)
+    sched = one_cycle(opt, 2e-3, steps)
     vae.train()
     for _ in tqdm(range(steps), desc="vae decoder", unit="step"):
         idx = torch.randint(0, len(pixels), (batch,), generator=g)
@@ -83,7 +89,7 @@ def train_denoiser(pipe, latents: torch.Tensor, captions: list[str], steps: int,
     params = list(pipe.unet.parameters()) + [p for m in trainable_text_encoders(pipe) for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
     ema = EMAModel(params, decay=EMA_DECAY)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
+    sched = one_cycle(opt, lr, steps)
     noise_sched = pipe.scheduler
     alphas = noise_sched.alphas_cumprod
     for m in [pipe.unet, *trainable_text_encoders(pipe)]:

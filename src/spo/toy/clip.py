@@ -24,7 +24,7 @@ def pretrain_clip(out_dir: str | Path, n_images: int = DEFAULT_BUDGET["n_images"
     from spo.io import atomic_dir, write_json
     from spo.spm.model import CLIP_MEAN, CLIP_STD, toy_config
     from spo.tokenizer import load_clip_tokenizer
-    from spo.toy.build import _images_to_tensor
+    from spo.toy.build import _images_to_tensor, one_cycle
     from spo.toy.render import render_dataset
 
     torch.manual_seed(seed)
@@ -38,8 +38,7 @@ def pretrain_clip(out_dir: str | Path, n_images: int = DEFAULT_BUDGET["n_images"
     enc = tok([s.caption for s, _, _ in data], padding=True, truncation=True, max_length=77, return_tensors="pt")
     model = CLIPModel(toy_config())
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps,
-                                                pct_start=min(0.5, max(0.05, 3.0 / steps)))
+    sched = one_cycle(opt, lr, steps)
     g = torch.Generator().manual_seed(seed)
     model.train()
     bar = tqdm(range(steps), desc="toy clip", unit="step")
