@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import resource
@@ -411,7 +412,7 @@ def merge_sdxl(args) -> dict:
     cmd = ["spo", "merge", str(work / "recipe.toml")]
     proc, merge_s, peak = run_child(cmd)
     result = {
-        "size": args.size, "tensors": len(shapes), "params": int(sum(__import__("math").prod(s) for s in shapes.values())),
+        "size": args.size, "tensors": len(shapes), "params": int(sum(math.prod(s) for s in shapes.values())),
         "file_bytes": sizes, "lora_modules": modules, "lora_rank": args.rank, "setup_seconds": round(setup, 1),
         "disk_baseline_seconds": round(disk_s, 2), "merge_seconds": round(merge_s, 2),
         "speed_vs_disk": round(disk_s / merge_s, 3), "merge_peak_rss_mb": round(peak, 1),

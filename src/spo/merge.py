@@ -212,8 +212,10 @@ class _TensorFile:
     def __init__(self, path: Path):
         self.path = path
         size = path.stat().st_size
+        from spo.formats.metadata import header_length
+
         with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
+            n = header_length(f, path)
             header = json.loads(f.read(n))
         header.pop("__metadata__", None)
         self._start = 8 + n
@@ -337,10 +339,10 @@ def run_recipe(recipe: Recipe, output: Path | None = None, output_diffusers: Pat
     output_diffusers = output_diffusers or recipe.output_diffusers
     if output is None and output_diffusers is None:
         raise SpoInputError("recipe: give 'output' and/or 'output_diffusers' (or --out/--out-diffusers)")
-    inputs = [recipe.base, *(c.model for c in recipe.checkpoints), *(c.minus for c in recipe.checkpoints if c.minus),
-              *(step.path for step in recipe.loras)]
+    input_paths = [recipe.base, *(c.model for c in recipe.checkpoints), *(c.minus for c in recipe.checkpoints if c.minus),
+                   *(step.path for step in recipe.loras)]
     for out in (output, output_diffusers):
-        if out is not None and any(_same_path(out, i) for i in inputs):
+        if out is not None and any(_same_path(out, i) for i in input_paths):
             raise SpoInputError(f"{out}: the output is one of the recipe's inputs; inputs are never overwritten")
     base = Source(recipe.base)
     family = base.family
@@ -381,12 +383,11 @@ def run_recipe(recipe: Recipe, output: Path | None = None, output_diffusers: Pat
                 yield k, merged(k, t, others)
 
     def merged(k, t, others):
-        if (len(steps) == 1 and steps[0][0].method == "weighted_sum" and k not in deltas and others[0][0] is not None
-                and t.dtype == others[0][0].dtype == out_dtypes[k] and t.is_floating_point()
-                and others[0][0].shape == t.shape):
+        tb = others[0][0] if len(steps) == 1 and steps[0][0].method == "weighted_sum" and k not in deltas else None
+        if tb is not None and t.is_floating_point() and t.dtype == tb.dtype == out_dtypes[k] and tb.shape == t.shape:
             # The common case, ten times faster: CPU lerp on fp16/bf16 computes in fp32 and rounds once, so
             # this is bit-identical to the fp32 path below (checked) without its conversions.
-            return torch.lerp(t, others[0][0], steps[0][0].blocks.get(block_of(k), steps[0][0].multiplier))
+            return torch.lerp(t, tb, steps[0][0].blocks.get(block_of(k), steps[0][0].multiplier))
         if t.is_floating_point() and (steps or k in deltas):
             t = t.float()
             for (c, b, m), (tb, tc) in zip(steps, others):

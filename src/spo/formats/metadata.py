@@ -83,7 +83,7 @@ def _num(x: float) -> str:
     return str(int(x)) if x.is_integer() else repr(x)
 
 
-def _header_length(f, path) -> int:
+def header_length(f, path) -> int:
     """The header length of an open .safetensors file, checked against the file's size (a forged one could ask
     for exabytes)."""
     head = f.read(8)
@@ -100,7 +100,7 @@ def data_sha256(path: str | Path) -> str:
     """sha256 (hex) of the bytes after the safetensors header."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        n = _header_length(f, path)
+        n = header_length(f, path)
         f.seek(8 + n)
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
@@ -109,7 +109,7 @@ def data_sha256(path: str | Path) -> str:
 
 def read_metadata(path: str | Path) -> dict[str, str]:
     with open(path, "rb") as f:
-        header = json.loads(f.read(_header_length(f, path)))
+        header = json.loads(f.read(header_length(f, path)))
     return header.get("__metadata__", {}) or {}
 
 
