@@ -28,9 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from spo.errors import SpoInputError
-    from spo.io import ensure_writable_dir, write_json, write_text
+    from spo.io import check_output_dir, ensure_writable_dir, write_json, write_text
     from spo.show import scoring
-    from spo.io import check_output_dir
 
     if (args.folder is None) == (args.compare is None):
         raise SpoInputError("give a FOLDER to score, or --compare A_DIR B_DIR")

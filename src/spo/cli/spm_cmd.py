@@ -121,8 +121,7 @@ def _train(args) -> int:
 
 
 def _eval(args) -> int:
-    from spo.io import ensure_writable_dir, write_json
-    from spo.io import check_output_dir
+    from spo.io import check_output_dir, ensure_writable_dir, write_json
     from spo.spm.evaluate import evaluate, format_table, plot_accuracy
 
     check_output_dir(args.out)  # fail early, but create it only once there is a result to write

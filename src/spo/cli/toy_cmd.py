@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         from spo.io import check_output_dir
         from spo.toy.clip import pretrain_clip
 
-        check_output_dir(args.out.parent)
+        check_output_dir(args.out)
         info = pretrain_clip(args.out, args.images, args.steps, args.batch, seed=args.seed)
         print(f"toy CLIP: loss {info['final_loss']} after {info['steps']} steps in {info['seconds']} s -> {args.out}")
         return 0
@@ -97,11 +97,9 @@ def _check_output_file(path: Path) -> None:
 
 
 def _sample(args) -> int:
-    from spo.io import ensure_writable_dir, save_image, write_json
+    from spo.io import check_output_dir, ensure_writable_dir, save_image, write_json
     from spo.toy.sampling import grid, judge_images, load_toy_pipeline, sample
     from spo.toy.world import sample_scenes
-
-    from spo.io import check_output_dir
 
     check_output_dir(args.out)  # fail early, but create it only once the model has loaded
     pipe = load_toy_pipeline(args.family, args.model)

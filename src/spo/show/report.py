@@ -225,8 +225,7 @@ details a{margin-right:.6em;font-size:.85em}"""
 
 def build_report(folder: str | Path, out: str | Path | None = None, *, sweeps=(), scores=(), pairs: int = 8,
                  base: str | None = None, prompts: list[str] | None = None, title: str | None = None) -> Path:
-    from spo.io import write_text
-    from spo.io import check_output_dir
+    from spo.io import check_output_dir, write_text
 
     folder = Path(folder)
     if not folder.is_dir():

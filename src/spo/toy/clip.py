@@ -53,7 +53,7 @@ def pretrain_clip(out_dir: str | Path, n_images: int = DEFAULT_BUDGET["n_images"
         bar.set_postfix(loss=f"{out.loss.item():.3f}")
     model.eval()
     info = {"n_images": n_images, "steps": steps, "batch": batch, "lr": lr, "seed": seed,
-            "final_loss": round(float(out.loss), 4), "seconds": round(time.time() - started, 1),
+            "final_loss": round(out.loss.item(), 4), "seconds": round(time.time() - started, 1),
             "torch": torch.__version__, "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")}
     with atomic_dir(Path(out_dir)) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)

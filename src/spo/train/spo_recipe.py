@@ -215,10 +215,8 @@ def train(cfg: SPOConfig, scorer=None, log=print) -> dict:
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
-    from spo.io import ensure_writable_dir, write_json
+    from spo.io import check_output_dir, ensure_writable_dir, write_json
     from spo.models.loading import load_pipeline
-
-    from spo.io import check_output_dir
 
     # Checked now, created only once the inputs below have loaded: a bad input leaves no empty output folder.
     out = check_output_dir(cfg.output_dir)
