@@ -2,6 +2,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -59,6 +60,26 @@ def test_toy_pairs_round_trip_through_pickapic_reader(tmp_path):
         assert abs(p.label_0 + p.label_1 - 1) < 1e-9 and p.label_0 in (0.0, 0.5, 1.0)
         a, b = p.decode()
         assert a.size == (32, 32)
+
+
+def test_toy_render_pairs_span_the_aesthetic_range_and_labels_follow_the_judge(tmp_path):
+    from spo.data.pickapic import read_pairs
+    from spo.toy import judge
+
+    out = tmp_path / "render_pairs.parquet"
+    r = spo("toy", "pairs", "--source", "render", "-n", "60", "--seed", "4", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    pairs, _ = read_pairs(out, skip_bad=False)
+    assert len(pairs) == 60 and len({p.caption for p in pairs}) > 30
+    scores = np.array([[judge.aesthetic(im) for im in p.decode()] for p in pairs])
+    assert scores.std() > 0.3  # renders with random defects: bad to good, not one quality level
+    decided = [(s, p) for s, p in zip(scores, pairs) if not p.is_tie and abs(s[0] - s[1]) > 0.5]
+    agree = np.mean([(s[1] > s[0]) == (p.preferred == 1) for s, p in decided])
+    assert len(decided) >= 10 and agree >= 0.8, (len(decided), agree)
+    # same seed, same bytes
+    again = tmp_path / "again.parquet"
+    assert spo("toy", "pairs", "--source", "render", "-n", "60", "--seed", "4", "--out", str(again)).returncode == 0
+    assert [p.image_0 for p in read_pairs(again)[0]] == [p.image_0 for p in pairs]
 
 
 def test_toy_build_trains_and_writes_loadable_pipelines(tmp_path):

@@ -127,6 +127,14 @@ def test_cli_train_sdxl_time_unconditioned_and_eval(pairs_file, tmp_path):
         assert all(0.0 <= v <= 1.0 for v in m["accuracy"].values())
     assert (ev / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "t=951" in r.stdout and "time-unconditioned" in r.stdout
+    # against the toy judge's aesthetic order, the rater's ties are no longer excluded
+    r = spo("spm", "eval", str(out), "--data", str(pairs_file), "--base", "toy:sdxl", "--timesteps", "0",
+            "--out", str(ev), "--against", "judge", "--no-progress")
+    assert r.returncode == 0, r.stderr[-2000:]
+    judged = json.loads((ev / "accuracy.json").read_text())
+    assert judged["against"] == "judge" and judged["ties_excluded"] == 0
+    assert judged["n_pairs"] + judged["filtered_by_judge_gap"] == 16
+    assert "judge's aesthetic order" in r.stdout
     # an SDXL SPM is refused on the SD1.5 base model
     r = spo("spm", "eval", str(out), "--data", str(pairs_file), "--out", str(ev), "--no-progress")
     assert r.returncode == 2 and "trained for sdxl" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -45,7 +45,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", type=Path, default=Path("outputs/toy_sample"))
 
-    p = sub.add_parser("pairs", help="write Pick-a-Pic-schema preference pairs from toy base-model samples")
+    p = sub.add_parser("pairs", help="write Pick-a-Pic-schema preference pairs from toy base-model samples or renders")
+    p.add_argument("--source", choices=["model", "render"], default="model",
+                   help="two samples of the toy base model per caption, or two renders with random defects "
+                        "(Pick-a-Pic-like pairs from 'other generators'; no model needed, thousands per second)")
     p.add_argument("--family", choices=["sd15", "sdxl"], default="sd15")
     p.add_argument("--model", type=Path, default=None)
     p.add_argument("-n", "--num-pairs", type=positive_int, default=256)
@@ -79,11 +82,15 @@ def run(args: argparse.Namespace) -> int:
         return _sample(args)
     if args.toy_command == "pairs":
         from spo.data.pickapic import write_pairs
-        from spo.toy.pairs import make_pair_rows
+        from spo.toy.pairs import make_pair_rows, make_render_pair_rows
         from spo.toy.sampling import load_toy_pipeline
 
         _check_output_file(args.out)
-        rows = make_pair_rows(load_toy_pipeline(args.family, args.model), args.num_pairs, args.seed, split=args.split)
+        if args.source == "render":
+            rows = make_render_pair_rows(args.num_pairs, args.seed, split=args.split)
+        else:
+            rows = make_pair_rows(load_toy_pipeline(args.family, args.model), args.num_pairs, args.seed,
+                                  split=args.split)
         write_pairs(args.out, rows)
         ties = sum(r["label_0"] == 0.5 for r in rows)
         print(f"wrote {len(rows)} pairs ({ties} ties) -> {args.out}")

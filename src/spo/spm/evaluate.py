@@ -31,21 +31,24 @@ def binomial_ci95(acc: float, n: int) -> float:
     return float(1.96 * math.sqrt(max(acc * (1 - acc), 0.0) / n)) if n > 0 and math.isfinite(acc) else float("nan")
 
 
-def judge_gap_filter(pairs, min_gap: float) -> list[bool]:
-    """Keep pairs whose two images differ by at least `min_gap` in the toy judge's aesthetic score."""
+def judge_aesthetic_pairs(pairs) -> np.ndarray:
+    """(n, 2) toy-judge aesthetic scores of both images of each pair."""
     from spo.toy import judge
 
-    keep = []
-    for p in pairs:
-        a, b = p.decode()
-        keep.append(abs(judge.aesthetic(a) - judge.aesthetic(b)) >= min_gap)
-    return keep
+    return np.array([[judge.aesthetic(im) for im in p.decode()] for p in pairs]).reshape(-1, 2)
 
 
 def evaluate(spm_paths: Sequence[str | Path], data: Sequence[str | Path], *, base: str | None = None,
              timesteps: Sequence[int] = DEFAULT_TIMESTEPS, min_judge_gap: float | None = None, seed: int = 0,
              batch_size: int = 16, cfg_scale: float = 5.0, limit: int | None = None, device: str | None = None,
-             progress: bool = True) -> dict:
+             progress: bool = True, against: str = "labels") -> dict:
+    """Accuracy of each SPM at each timestep.
+
+    `against="labels"` scores agreement with the pairs' human (or simulated-rater) labels, ties excluded.
+    `against="judge"` (toy world) scores agreement with the toy judge's aesthetic order instead: the rater's
+    labels also weigh prompt alignment and mood, so on the toy's model-sample pairs even a perfect aesthetic
+    scorer agrees with the labels only about 70 % of the time on clear-aesthetic-gap pairs.
+    """
     from tqdm.auto import tqdm
 
     from spo.data.pickapic import read_pairs
@@ -65,6 +68,8 @@ def evaluate(spm_paths: Sequence[str | Path], data: Sequence[str | Path], *, bas
         raise SpoInputError(f"batch size must be positive, got {batch_size}")
     if min_judge_gap is not None and min_judge_gap < 0:
         raise SpoInputError(f"--min-judge-gap must be >= 0, got {min_judge_gap}")
+    if against not in ("labels", "judge"):
+        raise SpoInputError(f"--against must be 'labels' or 'judge', got {against!r}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     pipe = load_pipeline(base)
@@ -75,18 +80,25 @@ def evaluate(spm_paths: Sequence[str | Path], data: Sequence[str | Path], *, bas
     spms = [load_spm(p, family=family, device=dev) for p in spm_paths]
 
     pairs, summary = read_pairs(data)
-    decided = [p for p in pairs if not p.is_tie]
+    # With the judge as target, a rater's tie is no reason to drop a pair: the judge decides it.
+    decided = pairs if against == "judge" else [p for p in pairs if not p.is_tie]
     n_ties = len(pairs) - len(decided)
     n_filtered = 0
-    if min_judge_gap is not None:
-        keep = judge_gap_filter(decided, min_judge_gap)
-        n_filtered = len(decided) - sum(keep)
+    if min_judge_gap is not None or against == "judge":
+        judged = judge_aesthetic_pairs(decided)
+        keep = np.abs(judged[:, 0] - judged[:, 1]) >= (min_judge_gap or 0.0)
+        keep &= judged[:, 0] != judged[:, 1]
+        n_filtered = int(len(decided) - keep.sum())
         decided = [p for p, k in zip(decided, keep) if k]
+        judged = judged[keep]
     if limit is not None:
         decided = decided[:limit]
     if not decided:
         raise SpoInputError(f"no decided (non-tie) pairs left to evaluate ({summary.describe()})")
-    preferred = np.array([p.preferred for p in decided])
+    if against == "judge":
+        preferred = (judged[: len(decided), 1] > judged[: len(decided), 0]).astype(int)
+    else:
+        preferred = np.array([p.preferred for p in decided])
 
     scores = {(m, t): ([], []) for m in range(len(spms)) for t in timesteps}
     batches = range(0, len(decided), batch_size)
@@ -115,7 +127,7 @@ def evaluate(spm_paths: Sequence[str | Path], data: Sequence[str | Path], *, bas
                        "family": spm.family, "accuracy": acc,
                        "ci95": {k: binomial_ci95(v, len(decided)) for k, v in acc.items()}})
     return {"timesteps": timesteps, "n_pairs": len(decided), "ties_excluded": n_ties,
-            "judge_gap": min_judge_gap, "filtered_by_judge_gap": n_filtered, "base_model": str(base or "toy:sd15"),
+            "against": against, "judge_gap": min_judge_gap, "filtered_by_judge_gap": n_filtered, "base_model": str(base or "toy:sd15"),
             "family": family, "seed": seed, "cfg_scale": cfg_scale, "data": [str(f) for f in summary.files],
             "models": models}
 
@@ -134,7 +146,8 @@ def format_table(result: dict) -> str:
     lines = [head, "-" * len(head)]
     for m in result["models"]:
         lines.append(f"{m['name']:<{width}} " + " ".join(f"{100 * m['accuracy'][str(t)]:>7.1f}%" for t in ts))
-    lines.append(f"{result['n_pairs']} decided pairs (±{100 * _max_ci(result):.1f} pts 95% CI); "
+    target = "the toy judge's aesthetic order" if result.get("against") == "judge" else "the labels"
+    lines.append(f"agreement with {target} on {result['n_pairs']} pairs (±{100 * _max_ci(result):.1f} pts 95% CI); "
                  f"{result['ties_excluded']} ties excluded"
                  + (f"; {result['filtered_by_judge_gap']} below judge gap {result['judge_gap']}" if result["judge_gap"] is not None else ""))
     return "\n".join(lines)
@@ -162,7 +175,7 @@ def plot_accuracy(result: dict, target: str | Path) -> Path:
         ax.errorbar(ts, acc, yerr=ci, marker="o", capsize=3, label=m["name"])
     ax.axhline(50, color="grey", lw=0.8, ls="--")
     ax.set_xlabel("timestep t")
-    ax.set_ylabel("pairwise accuracy (%)")
+    ax.set_ylabel("pairwise accuracy (%)" + (", vs judge aesthetic" if result.get("against") == "judge" else ", vs labels"))
     ax.set_title(f"SPM accuracy on {result['n_pairs']} pairs ({result['family']} x0-hat)")
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -176,7 +176,9 @@ def build(out_dir: Path = TOY_MODEL_DIR, families=("sd15", "sdxl"), n_images: in
         pipe = pipes[family]
         pipe.register_modules(vae=vae)
         if unet_steps:
-            train_denoiser(pipe, latents, captions, unet_steps, batch, seed)
+            # A continued stage draws fresh batches and noise: re-using the first stage's seed would replay
+            # exactly the samples the model has already seen, in the same order.
+            train_denoiser(pipe, latents, captions, unet_steps, batch, seed + len(history))
         info[f"{family}_unet_seconds"] = round(time.time() - t0, 1)
         with atomic_dir(Path(out_dir) / family) as tmp:
             pipe.to(torch.float16).save_pretrained(tmp, safe_serialization=True)

@@ -22,20 +22,42 @@ def rate(aesthetic_0: float, aesthetic_1: float, aligned_0: int, aligned_1: int,
 
 
 def make_pair_rows(pipe, n_pairs: int, seed: int, steps: int = 20, cfg: float = 5.0, split: str = "train") -> list[dict]:
-    from spo.toy import judge
+    """Pairs of two base-model samples per caption (different seeds; eta = 1 for a spread of quality)."""
     from spo.toy.sampling import sample
     from spo.toy.world import sample_scenes
 
     captions = [s.caption for s in sample_scenes(n_pairs, seed, split=split)]
-    # Two samples per caption with different seeds; eta = 1 for a spread of quality.
     images_0 = sample(pipe, captions, seed=seed * 2, steps=steps, cfg=cfg, eta=1.0)
     images_1 = sample(pipe, captions, seed=seed * 2 + 1, steps=steps, cfg=cfg, eta=1.0)
+    return _rated_rows(captions, images_0, images_1, seed, source="toy")
+
+
+def make_render_pair_rows(n_pairs: int, seed: int, split: str = "train") -> list[dict]:
+    """Pairs of two renders per caption, each with its own random defects.
+
+    Pick-a-Pic's images come from many generators, not from the model an SPM is trained for; renders are
+    the toy's "other generators". They are free to make (thousands per second, against about one model
+    sample pair per second), and span the whole bad-to-good range of the training data.
+    """
+    from spo.toy.render import render, sample_defects
+    from spo.toy.world import sample_scenes
+
+    scenes = sample_scenes(n_pairs, seed, split=split)
+    rng = np.random.default_rng([seed, 11])
+    images = [[render(s, sample_defects(rng), seed=int(rng.integers(2**31))) for s in scenes] for _ in range(2)]
+    return _rated_rows([s.caption for s in scenes], images[0], images[1], seed, source="render")
+
+
+def _rated_rows(captions, images_0, images_1, seed: int, source: str) -> list[dict]:
+    from spo.toy import judge
+
     rng = np.random.default_rng([seed, 7])
     rows = []
     for i, (cap, a, b) in enumerate(zip(captions, images_0, images_1)):
         l0, l1 = rate(judge.aesthetic(a), judge.aesthetic(b), judge.alignment(a, cap), judge.alignment(b, cap), rng)
         rows.append({"caption": cap, "jpg_0": _jpeg(a), "jpg_1": _jpeg(b), "label_0": l0, "label_1": l1,
-                     "are_different": True, "image_0_uid": f"toy-{seed}-{i}-0", "image_1_uid": f"toy-{seed}-{i}-1",
+                     "are_different": True, "image_0_uid": f"{source}-{seed}-{i}-0",
+                     "image_1_uid": f"{source}-{seed}-{i}-1",
                      "user_id": int(rng.integers(1, 50)), "ranking_id": i})
     return rows
 
