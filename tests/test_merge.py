@@ -8,8 +8,8 @@ from safetensors.torch import load_file, save_file
 from spo.errors import SpoInputError
 from spo.formats import single_file as sf
 from spo.formats.metadata import data_sha256, read_metadata
-from spo.formats.webui_lora import export_lora
-from spo.merge import load_recipe, run_recipe
+from spo.formats.webui_lora import export_lora, read_safetensors
+from spo.merge import LoraStep, load_recipe, run_recipe, webui_deltas_by_name
 from spo.models.loading import load_pipeline
 
 
@@ -56,11 +56,17 @@ multiplier = 0.5
     load_pipeline(tmp_path / "out" / "m.safetensors")  # a loadable model
 
 
-@pytest.mark.parametrize("family", ["sd15", "sdxl"])
-def test_baked_lora_equals_diffusers_fused(family, tmp_path):
-    sf.save_single_file(load_pipeline(f"toy:{family}"), tmp_path / "base.safetensors")
-    src = make_diffusers_lora(family, tmp_path / "lora")
+@pytest.mark.parametrize("family,text_encoders", [("sd15", True), ("sdxl", True), ("sdxl", False)])
+def test_baked_lora_equals_diffusers_fused(family, text_encoders, tmp_path):
+    base = sf.save_single_file(load_pipeline(f"toy:{family}"), tmp_path / "base.safetensors")
+    src = make_diffusers_lora(family, tmp_path / "lora", text_encoders=text_encoders)
     webui = export_lora(src, tmp_path, formats=("webui",), name="spo")["webui"]
+    # An SDXL UNet-only webui LoRA (the published SPO one's layout) is resolved by name against the base's
+    # keys; SD1.5's diffusers-named UNet modules and SDXL's OpenCLIP text encoder take diffusers' converter.
+    tensors, _ = read_safetensors(webui)
+    shapes = {k: v.shape for k, v in load_file(str(base)).items()}
+    direct = webui_deltas_by_name(tensors, shapes, LoraStep(webui, 1.0, {}), family)
+    assert (direct is not None) == (family == "sdxl" and not text_encoders)
     r = _recipe(tmp_path, f'''
 base = "base.safetensors"
 output = "baked.safetensors"

@@ -294,7 +294,10 @@ def lora_deltas(step: LoraStep, family: str, unet_cfg: dict, shapes: dict) -> di
     """
     from spo.formats.webui_lora import load_lora, lora_family, modules_of, read_safetensors
 
-    found = lora_family(*read_safetensors(step.path))
+    tensors, meta = read_safetensors(step.path)
+    found = lora_family(tensors, meta)
+    if found == family and (direct := webui_deltas_by_name(tensors, shapes, step, family)) is not None:
+        return direct
     # Converted with its own family's layout; only a same-family LoRA can use the base's exact UNet config.
     state_dict, rank, alpha, _ = load_lora(step.path, unet_config=unet_cfg if found == family else None)
     modules = modules_of(state_dict)
@@ -319,6 +322,42 @@ def lora_deltas(step: LoraStep, family: str, unet_cfg: dict, shapes: dict) -> di
         what = f"a {found} LoRA on a {family} base" if found != family else f"a {found} LoRA"
         raise SpoInputError(f"{step.path.name}: {what}: {len(unmatched)} of {len(modules)} modules match no base weight, "
                             f"e.g. {'; '.join(unmatched[:3])}")
+    return out
+
+
+def webui_deltas_by_name(tensors: dict, shapes: dict, step: LoraStep, family: str) -> dict[str, list[_Delta]] | None:
+    """The LoRA terms of a webui LoRA whose module names are original checkpoint keys with `_` for `.`, or None.
+
+    SDXL webui LoRAs (the published SPO one, kohya's, ours) name UNet modules after the original layout
+    (`lora_unet_input_blocks_4_1_...`), so a key map from the base checkpoint's own keys resolves them, as
+    A1111 and ComfyUI do. That skips diffusers' kohya converter, whose import alone costs seconds per merge.
+    Anything the map cannot resolve exactly (SD1.5's diffusers-named UNet modules, OpenCLIP's fused q/k/v)
+    returns None, and the caller takes the general conversion path.
+    """
+    prefixes = {"model.diffusion_model.": "lora_unet_"}
+    prefixes.update({"sd15": {"cond_stage_model.transformer.": "lora_te_"},
+                     "sdxl": {"conditioner.embedders.0.transformer.": "lora_te1_"}}[family])
+    by_name = {}
+    for key in shapes:
+        for prefix, lora_prefix in prefixes.items():
+            if key.startswith(prefix) and key.endswith(".weight"):
+                by_name[lora_prefix + key[len(prefix):-len(".weight")].replace(".", "_")] = key
+    parts: dict[str, set[str]] = {}
+    for k in tensors:
+        n, _, rest = k.partition(".")
+        parts.setdefault(n, set()).add(rest)
+    out: dict[str, list[_Delta]] = {}
+    for n, have in parts.items():
+        key = by_name.get(n)
+        if key is None or not {"lora_down.weight", "lora_up.weight"} <= have <= {"lora_down.weight", "lora_up.weight", "alpha"}:
+            return None
+        down, up = tensors[f"{n}.lora_down.weight"], tensors[f"{n}.lora_up.weight"]
+        if tuple(shapes[key][:2]) != (up.shape[0], down.shape[1]):
+            return None
+        rank = down.shape[0]
+        alpha = float(tensors[f"{n}.alpha"]) if f"{n}.alpha" in tensors else float(rank)
+        scale = step.strength * step.blocks.get(block_of(key), 1.0) * alpha / rank
+        out.setdefault(key, []).append(_Delta(down.float(), up.float(), scale, None))
     return out
 
 
@@ -457,24 +496,27 @@ def write_streaming(target: Path, keys: list[str], shapes: dict, dtypes: dict, t
 
     first = encode(placeholder)
     h = hashlib.sha256()
-    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import ThreadPoolExecutor, wait
 
-    with atomic_path(target, suffix=".safetensors") as tmp, ThreadPoolExecutor(1) as hasher:
+    with atomic_path(target, suffix=".safetensors") as tmp, ThreadPoolExecutor(1) as hasher, ThreadPoolExecutor(1) as writer:
         with open(tmp, "wb") as f:
             f.write(struct.pack("<Q", len(first)))
             f.write(first)
-            hashing = None
-            for (k, t), expected in zip(tensors, keys):
-                assert k == expected and t.dtype == dtypes[k], (k, expected)
-                # A uint8 view, not a bytes copy: hashing and writing read the tensor's own memory. The hash
-                # (hashlib drops the GIL) runs beside the next tensor's computation; one at a time keeps order.
-                data = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
-                if hashing is not None:
-                    hashing.result()
-                hashing = hasher.submit(h.update, data)
-                f.write(data)
-            if hashing is not None:
-                hashing.result()
+            pending = []
+            try:
+                for (k, t), expected in zip(tensors, keys):
+                    assert k == expected and t.dtype == dtypes[k], (k, expected)
+                    # A uint8 view, not a bytes copy: hashing and writing read the tensor's own memory. Both run
+                    # beside the next tensor's read and computation (hashlib and file writes drop the GIL); one
+                    # thread each keeps their order, and waiting for the previous tensor bounds what is in flight.
+                    data = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
+                    for job in pending:
+                        job.result()
+                    pending = [hasher.submit(h.update, data), writer.submit(f.write, data)]
+            finally:  # never close the file under a running write, even when a tensor failed
+                wait(pending)
+            for job in pending:
+                job.result()
             digest = h.hexdigest()
             final = encode(digest)
             assert len(final) == len(first)  # same-length hex digest, so the header fits its slot

@@ -10,7 +10,7 @@ from spo.errors import SpoInputError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from spo.toy.build import DEFAULT_BUDGET as budget
+    from spo.toy.defaults import MODELS as budget
 
     sub = parser.add_subparsers(dest="toy_command", metavar="ACTION", required=True, parser_class=type(parser))
     b = sub.add_parser("build", help="train the tiny SD1.5/SDXL-family base models (from scratch, or --continue-from a build)")
@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     b.add_argument("--batch", type=positive_int, default=budget["batch"])
     b.add_argument("--seed", type=int, default=0)
 
-    from spo.toy.clip import DEFAULT_BUDGET as clip_budget
+    from spo.toy.defaults import CLIP as clip_budget
 
     c = sub.add_parser("clip", help="pretrain a tiny CLIP on toy renders (the toy's PickScore/CLIP, for `spo spm train --init`)")
     c.add_argument("--out", type=Path, default=Path("outputs/toy_clip"))
@@ -60,7 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.toy_command == "build":
-        from spo.toy.build import TOY_MODEL_DIR, build
+        from spo.toy.build import build
+        from spo.toy.defaults import TOY_MODEL_DIR
 
         families = ("sd15", "sdxl") if args.family == "both" else (args.family,)
         if args.continue_from is not None and not all(

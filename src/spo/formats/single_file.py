@@ -74,7 +74,7 @@ def read_keys_and_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
 
 def config_folder_for(shapes: dict[str, tuple[int, ...]], family: str) -> Path:
     """The shipped config folder whose UNet matches the checkpoint (real-size base, else the toy model)."""
-    from spo.toy.build import TOY_MODEL_DIR
+    from spo.toy.defaults import TOY_MODEL_DIR
 
     conv_in = shapes.get(UNET_PREFIX + "input_blocks.0.0.weight")
     if conv_in is None:

@@ -105,7 +105,7 @@ def adapter_alphas(metadata: dict[str, str], state_dict: dict[str, torch.Tensor]
 
 def _known_configs() -> list[tuple[str, dict]]:
     """(family, UNet config) of every layout we ship: the real SD1.5/SDXL bases, then the toy models."""
-    from spo.toy.build import TOY_MODEL_DIR
+    from spo.toy.defaults import TOY_MODEL_DIR
 
     return [(family, sf.unet_config(folder)) for folder_of in (lambda f: sf.CONFIG_DIR / f, lambda f: Path(TOY_MODEL_DIR) / f)
             for family in sf.FAMILIES for folder in [folder_of(family)] if (folder / "unet" / "config.json").is_file()]

@@ -21,12 +21,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from spo.models.family import encode, trainable_text_encoders
+from spo.toy.defaults import MODELS as DEFAULT_BUDGET
+from spo.toy.defaults import TOY_MODEL_DIR
 from spo.toy.models import fresh_pipeline
 from spo.toy.render import render_dataset
 
-TOY_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "toy_models"
-# The shipped models' total budget (build_info.json's `history` records the two stages that made them).
-DEFAULT_BUDGET = {"n_images": 6000, "vae_steps": 400, "decoder_steps": 1200, "unet_steps": 4500, "batch": 32}
 SNR_GAMMA = 5.0  # min-SNR-gamma loss weighting (Hang et al. 2023): converges ~3x faster than plain epsilon MSE
 EMA_DECAY = 0.999
 

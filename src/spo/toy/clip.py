@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-DEFAULT_BUDGET = {"n_images": 8000, "steps": 1500, "batch": 128, "lr": 1e-3}
+from spo.toy.defaults import CLIP as DEFAULT_BUDGET
 
 
 def pretrain_clip(out_dir: str | Path, n_images: int = DEFAULT_BUDGET["n_images"], steps: int = DEFAULT_BUDGET["steps"],

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from spo.toy.build import TOY_MODEL_DIR
+from spo.toy.defaults import TOY_MODEL_DIR
 from spo.toy.models import FAMILIES
 
 
