@@ -67,18 +67,24 @@ def test_toy_render_pairs_span_the_aesthetic_range_and_labels_follow_the_judge(t
     from spo.toy import judge
 
     out = tmp_path / "render_pairs.parquet"
-    r = spo("toy", "pairs", "--source", "render", "-n", "60", "--seed", "4", "--out", str(out))
+    r = spo("toy", "pairs", "--source", "render", "-n", "80", "--seed", "4", "--out", str(out))
     assert r.returncode == 0, r.stderr
     pairs, _ = read_pairs(out, skip_bad=False)
-    assert len(pairs) == 60 and len({p.caption for p in pairs}) > 30
+    assert len(pairs) == 80 and len({p.caption for p in pairs}) > 40
     scores = np.array([[judge.aesthetic(im) for im in p.decode()] for p in pairs])
     assert scores.std() > 0.3  # renders with random defects: bad to good, not one quality level
-    decided = [(s, p) for s, p in zip(scores, pairs) if not p.is_tie and abs(s[0] - s[1]) > 0.5]
+    aligned = np.array([[judge.alignment(im, p.caption) for im in p.decode()] for p in pairs])
+    assert 0.5 < aligned.mean() < 0.9  # some images miss the caption, as other generators' do
+    # where both images are aligned and clearly differ in quality, the rater prefers the better one;
+    # where only one is aligned, it prefers that one
+    decided = [(s, p) for s, a, p in zip(scores, aligned, pairs) if not p.is_tie and a.all() and abs(s[0] - s[1]) > 0.5]
     agree = np.mean([(s[1] > s[0]) == (p.preferred == 1) for s, p in decided])
-    assert len(decided) >= 10 and agree >= 0.8, (len(decided), agree)
+    assert len(decided) >= 5 and agree >= 0.8, (len(decided), agree)
+    one_sided = [(a, p) for a, p in zip(aligned, pairs) if not p.is_tie and a[0] != a[1]]
+    assert len(one_sided) >= 5 and np.mean([a[p.preferred] == 1 for a, p in one_sided]) >= 0.8
     # same seed, same bytes
     again = tmp_path / "again.parquet"
-    assert spo("toy", "pairs", "--source", "render", "-n", "60", "--seed", "4", "--out", str(again)).returncode == 0
+    assert spo("toy", "pairs", "--source", "render", "-n", "80", "--seed", "4", "--out", str(again)).returncode == 0
     assert [p.image_0 for p in read_pairs(again)[0]] == [p.image_0 for p in pairs]
 
 

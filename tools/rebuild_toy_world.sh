@@ -22,20 +22,29 @@ cp -r "$WORK/models_xl/sdxl" "$ASSETS/toy_models/sdxl"
 # 2. a tiny CLIP pretrained on renders: what PickScore / CLIP-ViT-H-14 are to a real SPM
 spo toy clip --out "$WORK/toy_clip" > "$WORK/toy_clip.log" 2>&1
 
+# 3a. generic preference pairs from "other generators" (renders with random defects, simulated rater), shared
+#     by both families as Pick-a-Pic is: train captions for training, held-out captions for evaluation
+spo toy pairs --source render -n 4000 --seed 5 --out "$WORK/pairs_render_train.parquet"
+spo toy pairs --source render -n 600 --seed 6 --split heldout --out "$WORK/pairs_render_heldout.parquet"
+
 for family in sd15 sdxl; do
   (
-    # 3. generic preference pairs from the base model's own samples (simulated rater), train and held-out captions
+    # 3b. pairs from the base model's own samples, train and held-out captions
     spo toy pairs --family "$family" -n 1000 --seed 1 --out "$WORK/pairs_${family}_train.parquet"
     spo toy pairs --family "$family" -n 400 --seed 2 --split heldout --out "$WORK/pairs_${family}_heldout.parquet"
     # 4. the SPM for this base model, and a time-unconditioned one on the same budget for comparison
-    SPM_ARGS=(--base "toy:$family" --init "$WORK/toy_clip" --steps 400 --batch-size 16 --lr 5e-4 --warmup 40 --weight-decay 0.05
+    SPM_ARGS=(--base "toy:$family" --init "$WORK/toy_clip" --steps 500 --batch-size 16 --lr 3e-4 --warmup 50 --weight-decay 0.05
               --checkpoint-every 100 --no-progress)
-    spo spm train "$WORK/pairs_${family}_train.parquet" --out "$WORK/spm_$family" "${SPM_ARGS[@]}"
-    spo spm train "$WORK/pairs_${family}_train.parquet" --out "$WORK/spm_${family}_untimed" --no-time-conditioning "${SPM_ARGS[@]}"
+    DATA=("$WORK/pairs_render_train.parquet" "$WORK/pairs_${family}_train.parquet")
+    spo spm train "${DATA[@]}" --out "$WORK/spm_$family" "${SPM_ARGS[@]}"
+    spo spm train "${DATA[@]}" --out "$WORK/spm_${family}_untimed" --no-time-conditioning "${SPM_ARGS[@]}"
     rm -rf "$ASSETS/toy_spm/$family" && mkdir -p "$ASSETS/toy_spm" && cp -r "$WORK/spm_$family/spm" "$ASSETS/toy_spm/$family"
-    # 5. evaluation on held-out captions, pairs with a clear judge-aesthetic difference
+    # 5. evaluation on held-out captions, pairs with a clear judge-aesthetic difference, against the judge's
+    #    aesthetic order: on the base model's own samples, and on held-out renders
     spo spm eval "$WORK/spm_$family" "$WORK/spm_${family}_untimed" --data "$WORK/pairs_${family}_heldout.parquet" \
-      --base "toy:$family" --min-judge-gap 0.5 --out "docs/spm_eval_$family"
+      --base "toy:$family" --min-judge-gap 0.5 --against judge --out "docs/spm_eval_$family"
+    spo spm eval "$WORK/spm_$family" "$WORK/spm_${family}_untimed" --data "$WORK/pairs_render_heldout.parquet" \
+      --base "toy:$family" --min-judge-gap 0.5 --against judge --out "docs/spm_eval_${family}_renders"
   ) > "$WORK/spm_$family.log" 2>&1 &
 done
 wait

@@ -32,20 +32,35 @@ def make_pair_rows(pipe, n_pairs: int, seed: int, steps: int = 20, cfg: float = 
     return _rated_rows(captions, images_0, images_1, seed, source="toy")
 
 
-def make_render_pair_rows(n_pairs: int, seed: int, split: str = "train") -> list[dict]:
+def make_render_pair_rows(n_pairs: int, seed: int, split: str = "train", p_wrong: float = 0.3) -> list[dict]:
     """Pairs of two renders per caption, each with its own random defects.
 
     Pick-a-Pic's images come from many generators, not from the model an SPM is trained for; renders are
-    the toy's "other generators". They are free to make (thousands per second, against about one model
-    sample pair per second), and span the whole bad-to-good range of the training data.
+    the toy's "other generators". They are cheap to make and span the whole bad-to-good range of the
+    training data. Like real generators, they sometimes miss the prompt: with probability `p_wrong` an image
+    shows another shape or colour than its caption says, so the labels teach alignment as well as aesthetics.
     """
     from spo.toy.render import render, sample_defects
     from spo.toy.world import sample_scenes
 
     scenes = sample_scenes(n_pairs, seed, split=split)
     rng = np.random.default_rng([seed, 11])
-    images = [[render(s, sample_defects(rng), seed=int(rng.integers(2**31))) for s in scenes] for _ in range(2)]
+    images = [[render(_maybe_wrong(s, rng, p_wrong), sample_defects(rng), seed=int(rng.integers(2**31)))
+               for s in scenes] for _ in range(2)]
     return _rated_rows([s.caption for s in scenes], images[0], images[1], seed, source="render")
+
+
+def _maybe_wrong(scene, rng: np.random.Generator, p_wrong: float):
+    """The scene, or with probability `p_wrong` the scene with its shape or its colour swapped for another."""
+    from dataclasses import replace
+
+    from spo.toy.world import COLORS, SHAPES
+
+    if rng.random() >= p_wrong:
+        return scene
+    if rng.random() < 0.5:
+        return replace(scene, shape=str(rng.choice([s for s in SHAPES if s != scene.shape])))
+    return replace(scene, color=str(rng.choice([c for c in COLORS if c != scene.color])))
 
 
 def _rated_rows(captions, images_0, images_1, seed: int, source: str) -> list[dict]:
