@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Rebuild every shipped toy artefact from scratch, in order, with the project's own commands:
 # the tiny base models, their preference pairs, a toy CLIP, and a step-aware preference model (SPM) per base model.
-# The shipped models were built in two stages (`build_info.json` -> history: 2,000 UNet steps, then
-# `--continue-from` with 1,200 decoder and 2,500 UNet steps); one `spo toy build` runs the same total budget.
-# Measured on 2 CPU cores (2026-11-22, shared with other jobs): about 100 minutes for the models (both families
-# in parallel, one thread each), about 20 for each family's pairs, 10 for the toy CLIP and 11 for each SPM.
+# The shipped models were built in three stages (`build_info.json` -> history: 2,000 UNet steps; then
+# `--continue-from` with 1,200 decoder and 2,500 UNet steps; then 3,000 more UNet steps); one `spo toy build`
+# runs the same total budget. Measured on 2 CPU cores (2026-11-22, shared with other jobs): about 150 minutes
+# for the models (both families in parallel, one thread each), a few minutes for the render pairs, about 20
+# for each family's model pairs, 10 for the toy CLIP and 11 for each SPM.
 set -euo pipefail
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}   # one thread per job: two jobs on two cores without spin contention
 ASSETS=src/spo/assets

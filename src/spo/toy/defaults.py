@@ -6,6 +6,6 @@ from pathlib import Path
 
 TOY_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "toy_models"
 # The shipped base models' total budget (build_info.json's `history` records the stages that made them).
-MODELS = {"n_images": 6000, "vae_steps": 400, "decoder_steps": 1200, "unet_steps": 4500, "batch": 32}
+MODELS = {"n_images": 6000, "vae_steps": 400, "decoder_steps": 1200, "unet_steps": 7500, "batch": 32}
 # The toy CLIP an SPM starts from (`spo toy clip`).
 CLIP = {"n_images": 8000, "steps": 1500, "batch": 128, "lr": 1e-3}
