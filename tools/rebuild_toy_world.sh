@@ -34,7 +34,7 @@ for family in sd15 sdxl; do
     spo toy pairs --family "$family" -n 1000 --seed 1 --out "$WORK/pairs_${family}_train.parquet"
     spo toy pairs --family "$family" -n 400 --seed 2 --split heldout --out "$WORK/pairs_${family}_heldout.parquet"
     # 4. the SPM for this base model, and a time-unconditioned one on the same budget for comparison
-    SPM_ARGS=(--base "toy:$family" --init "$WORK/toy_clip" --steps 500 --batch-size 16 --lr 3e-4 --warmup 50 --weight-decay 0.05
+    SPM_ARGS=(--base "toy:$family" --init "$WORK/toy_clip" --steps 500 --batch-size 16 --lr 5e-4 --warmup 50 --weight-decay 0.05
               --checkpoint-every 100 --no-progress)
     DATA=("$WORK/pairs_render_train.parquet" "$WORK/pairs_${family}_train.parquet")
     spo spm train "${DATA[@]}" --out "$WORK/spm_$family" "${SPM_ARGS[@]}"
