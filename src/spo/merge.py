@@ -51,6 +51,7 @@ import torch
 
 from spo.errors import SpoInputError
 from spo.formats import single_file as sf
+from spo.formats.metadata import checkpoint_metadata, header_length
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 ST_DTYPE = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
@@ -212,8 +213,6 @@ class _TensorFile:
     def __init__(self, path: Path):
         self.path = path
         size = path.stat().st_size
-        from spo.formats.metadata import header_length
-
         with open(path, "rb") as f:
             n = header_length(f, path)
             header = json.loads(f.read(n))
@@ -316,8 +315,7 @@ def lora_deltas(step: LoraStep, family: str, unet_cfg: dict, shapes: dict) -> di
             unmatched.append(f"{component}.{path}" + (f" ({key}: base {list(shapes[key])}, LoRA {list(expect)})"
                                                        if key in shapes else ""))
             continue
-        scale = step.strength * step.blocks.get(block_of(key), 1.0) * alpha / rank
-        out.setdefault(key, []).append(_Delta(pair["down"].float(), pair["up"].float(), scale, rows))
+        out.setdefault(key, []).append(_Delta(pair["down"].float(), pair["up"].float(), _scale(step, key, alpha, rank), rows))
     if unmatched:
         what = f"a {found} LoRA on a {family} base" if found != family else f"a {found} LoRA"
         raise SpoInputError(f"{step.path.name}: {what}: {len(unmatched)} of {len(modules)} modules match no base weight, "
@@ -334,9 +332,12 @@ def webui_deltas_by_name(tensors: dict, shapes: dict, step: LoraStep, family: st
     Anything the map cannot resolve exactly (SD1.5's diffusers-named UNet modules, OpenCLIP's fused q/k/v)
     returns None, and the caller takes the general conversion path.
     """
-    prefixes = {"model.diffusion_model.": "lora_unet_"}
-    prefixes.update({"sd15": {"cond_stage_model.transformer.": "lora_te_"},
-                     "sdxl": {"conditioner.embedders.0.transformer.": "lora_te1_"}}[family])
+    from spo.formats.webui_lora import WEBUI_TE_PREFIX
+
+    # original-layout key prefix -> webui module-name prefix; the first text encoder only (SDXL's second is
+    # OpenCLIP with fused q/k/v in the original layout, so its names never map one to one)
+    prefixes = {sf.UNET_PREFIX: "lora_unet_",
+                sf.TE_PREFIX[(family, "text_encoder")]: WEBUI_TE_PREFIX[(family, "text_encoder")]}
     by_name = {}
     for key in shapes:
         for prefix, lora_prefix in prefixes.items():
@@ -356,9 +357,13 @@ def webui_deltas_by_name(tensors: dict, shapes: dict, step: LoraStep, family: st
             return None
         rank = down.shape[0]
         alpha = float(tensors[f"{n}.alpha"]) if f"{n}.alpha" in tensors else float(rank)
-        scale = step.strength * step.blocks.get(block_of(key), 1.0) * alpha / rank
-        out.setdefault(key, []).append(_Delta(down.float(), up.float(), scale, None))
+        out.setdefault(key, []).append(_Delta(down.float(), up.float(), _scale(step, key, alpha, rank), None))
     return out
+
+
+def _scale(step: LoraStep, key: str, alpha: float, rank: int) -> float:
+    """W' = W + scale * up @ down: the step's strength, its weight for the key's block, and alpha / rank."""
+    return step.strength * step.blocks.get(block_of(key), 1.0) * alpha / rank
 
 
 def _apply_delta(t: torch.Tensor, d: _Delta) -> torch.Tensor:
@@ -441,8 +446,6 @@ def run_recipe(recipe: Recipe, output: Path | None = None, output_diffusers: Pat
             for d in deltas.get(k, []):
                 t = _apply_delta(t, d)
         return t.to(out_dtypes[k]).contiguous()
-
-    from spo.formats.metadata import checkpoint_metadata
 
     meta = checkpoint_metadata(family, recipe.title, {"spo.merge_recipe": recipe.text})
     if recipe.description:

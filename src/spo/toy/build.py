@@ -21,8 +21,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from spo.models.family import encode, trainable_text_encoders
-from spo.toy.defaults import MODELS as DEFAULT_BUDGET
-from spo.toy.defaults import TOY_MODEL_DIR
+from spo.toy.defaults import MODELS as DEFAULT_BUDGET, TOY_MODEL_DIR
 from spo.toy.models import fresh_pipeline
 from spo.toy.render import render_dataset
 
