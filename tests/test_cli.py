@@ -75,6 +75,7 @@ def test_toy_render_pairs_span_the_aesthetic_range_and_labels_follow_the_judge(t
     assert scores.std() > 0.3  # renders with random defects: bad to good, not one quality level
     aligned = np.array([[judge.alignment(im, p.caption) for im in p.decode()] for p in pairs])
     assert 0.5 < aligned.mean() < 0.9  # some images miss the caption, as other generators' do
+    assert sum(judge.classify(im) is None for p in pairs for im in p.decode()) >= 3  # some miss the subject
     # where both images are aligned and clearly differ in quality, the rater prefers the better one;
     # where only one is aligned, it prefers that one
     decided = [(s, p) for s, a, p in zip(scores, aligned, pairs) if not p.is_tie and a.all() and abs(s[0] - s[1]) > 0.5]

@@ -53,6 +53,18 @@ def test_alignment_survives_defects():
     assert got.mean() >= 0.90, f"alignment accuracy on defective renders {got.mean():.3f}"
 
 
+def test_a_missing_subject_is_an_alignment_failure_not_a_defect():
+    # Render pairs include subject-less images (opacity 0): the judge must call them unaligned. Aesthetically a
+    # clean empty frame beats a typical defective image, so only the rater's alignment weight can teach an SPM
+    # that it is bad.
+    scenes = all_scenes("all")[:24]
+    empty = [render(s, seed=i, opacity=0.0) for i, s in enumerate(scenes)]
+    assert judge.alignment_batch(empty, [s.caption for s in scenes]).sum() == 0
+    assert all(judge.classify(im) is None for im in empty)
+    typical = judge.aesthetic_batch([img for _, _, img in render_dataset(48, seed=3)])
+    assert np.mean(judge.aesthetic_batch(empty)) > np.median(typical)
+
+
 def test_mismatched_captions_score_zero(clean_renders):
     scenes, images = clean_renders
     rng = np.random.default_rng(0)

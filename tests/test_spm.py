@@ -123,6 +123,10 @@ def test_math_helpers():
     x = torch.randn(2, 5, 4)
     torch.testing.assert_close(modulate(x, torch.zeros(2, 4), torch.zeros(2, 4)), x)
     assert warmup_factor(0, 4) == 0.25 and warmup_factor(3, 4) == 1.0 and warmup_factor(10, 0) == 1.0
+    # cosine: full rate right after warm-up, half way at the middle of the rest, 0 at the last step
+    cos = [warmup_factor(s, 4, total=104, schedule="cosine") for s in range(104)]
+    assert cos[0] == 0.25 and cos[3] == 1.0 and abs(cos[53] - 0.5) < 1e-12 and cos[103] == 0.0
+    assert all(a >= b for a, b in zip(cos[3:], cos[4:]))
 
 
 def test_preference_loss_tie_optimum_is_zero_and_weights_count():

@@ -30,6 +30,13 @@ def finite_float(text: str) -> float:
     return value
 
 
+def probability(text: str) -> float:
+    value = finite_float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
+    return value
+
+
 def integer(text: str) -> int:
     try:
         return int(text)

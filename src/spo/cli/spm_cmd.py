@@ -33,6 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--lr", type=finite_float, default=3e-6, help="AdamW learning rate (paper: 3e-6 SD1.5, 1e-6 SDXL)")
     t.add_argument("--weight-decay", type=finite_float, default=0.3)
     t.add_argument("--warmup", type=nonneg_int, default=500, help="linear warm-up steps")
+    t.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
+                   help="after warm-up: constant, or cosine decay to 0 at the last step")
     t.add_argument("--max-grad-norm", type=finite_float, default=1.0, help="gradient clipping (0: off)")
     t.add_argument("--max-t", type=positive_int, default=1000, help="train on t ~ U[0, max_t)")
     t.add_argument("--cfg", type=finite_float, default=5.0, help="CFG scale of the base model's x0-hat prediction")
@@ -110,6 +112,7 @@ def _train(args) -> int:
     cfg = TrainConfig(data=[str(p) for p in args.data], out=str(args.out), base=args.base, init=args.init,
                       time_conditioning=args.time_conditioning, steps=args.steps, batch_size=args.batch_size,
                       grad_accum=args.grad_accum, lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup,
+                      lr_schedule=args.lr_schedule,
                       max_grad_norm=args.max_grad_norm, max_t=args.max_t, cfg_scale=args.cfg,
                       mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
                       seed=args.seed, checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,

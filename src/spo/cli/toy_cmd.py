@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from spo.cli.argtypes import nonneg_int, positive_int
+from spo.cli.argtypes import nonneg_int, positive_int, probability
 from spo.errors import SpoInputError
 
 
@@ -54,6 +54,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("-n", "--num-pairs", type=positive_int, default=256)
     p.add_argument("--split", choices=["train", "heldout"], default="train",
                    help="captions from the training set or the held-out combinations (for evaluation pairs)")
+    p.add_argument("--p-wrong", type=probability, default=0.3,
+                   help="render source: share of images showing another shape or colour than the caption's")
+    p.add_argument("--p-missing", type=probability, default=0.1,
+                   help="render source: share of images whose subject is faint or missing")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("outputs/toy_pairs.parquet"))
 
@@ -88,7 +92,10 @@ def run(args: argparse.Namespace) -> int:
 
         _check_output_file(args.out)
         if args.source == "render":
-            rows = make_render_pair_rows(args.num_pairs, args.seed, split=args.split)
+            if args.p_wrong + args.p_missing > 1:
+                raise SpoInputError(f"--p-wrong + --p-missing must be <= 1, got {args.p_wrong + args.p_missing}")
+            rows = make_render_pair_rows(args.num_pairs, args.seed, split=args.split, p_wrong=args.p_wrong,
+                                         p_missing=args.p_missing)
         else:
             rows = make_pair_rows(load_toy_pipeline(args.family, args.model), args.num_pairs, args.seed,
                                   split=args.split)

@@ -53,9 +53,17 @@ def threshold_labels(score0: torch.Tensor, score1: torch.Tensor, threshold: floa
     return label0, 1.0 - label0
 
 
-def warmup_factor(step: int, warmup: int) -> float:
-    """Linear warm-up to the full learning rate over `warmup` optimizer steps, then constant."""
-    return 1.0 if warmup <= 0 else min(1.0, (step + 1) / warmup)
+def warmup_factor(step: int, warmup: int, total: int = 0, schedule: str = "constant") -> float:
+    """Linear warm-up to the full learning rate over `warmup` optimizer steps, then constant or cosine decay to 0.
+
+    Written here rather than taken from diffusers.optimization: its warm-up starts at 0 (a wasted first step)
+    and the shipped toy SPMs were trained with this one.
+    """
+    if warmup > 0 and step + 1 < warmup:
+        return (step + 1) / warmup
+    if schedule == "cosine" and total > warmup:
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step + 1 - warmup) / (total - warmup))))
+    return 1.0
 
 
 def stream_indices(n: int, seed: int, start: int, count: int) -> list[int]:
@@ -91,6 +99,7 @@ class TrainConfig:
     lr: float = 3e-6
     weight_decay: float = 0.3
     warmup: int = 500
+    lr_schedule: str = "constant"  # after warm-up: "constant" or "cosine" (decay to 0 at the last step)
     max_grad_norm: float = 1.0
     max_t: int = NUM_TRAIN_TIMESTEPS
     cfg_scale: float = 5.0
@@ -114,6 +123,7 @@ class TrainConfig:
             (self.lr > 0 and math.isfinite(self.lr), f"learning rate must be positive, got {self.lr}"),
             (self.weight_decay >= 0, f"weight decay must be >= 0, got {self.weight_decay}"),
             (self.warmup >= 0, f"warm-up must be >= 0, got {self.warmup}"),
+            (self.lr_schedule in ("constant", "cosine"), f"LR schedule must be constant or cosine, got {self.lr_schedule!r}"),
             (1 <= self.max_t <= NUM_TRAIN_TIMESTEPS, f"max t must be in [1, {NUM_TRAIN_TIMESTEPS}], got {self.max_t}"),
             (self.cfg_scale >= 0, f"CFG scale must be >= 0, got {self.cfg_scale}"),
             (self.mixed_precision in ("no", "fp16", "bf16"), f"mixed precision must be no, fp16 or bf16, got {self.mixed_precision!r}"),
@@ -199,7 +209,7 @@ def latest_checkpoint(root: Path) -> Path | None:
 def _config_fingerprint(cfg: TrainConfig, n_pairs: int) -> dict:
     # What must match for a resumed run to continue the same run.
     keys = ("base", "init", "time_conditioning", "batch_size", "grad_accum", "lr", "weight_decay", "warmup",
-            "max_t", "cfg_scale", "seed", "relabel_with", "relabel_threshold")
+            "lr_schedule", "max_t", "cfg_scale", "seed", "relabel_with", "relabel_threshold")
     d = {k: getattr(cfg, k) for k in keys}
     d["n_pairs"] = n_pairs
     return d
@@ -265,7 +275,8 @@ def train(cfg: TrainConfig) -> dict:
     optimizer = torch.optim.AdamW([p for p in spm.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
     # Not handed to accelerate.prepare: it would step the schedule once per process, and we count optimizer steps.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(warmup_factor, warmup=cfg.warmup))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(warmup_factor, warmup=cfg.warmup, total=cfg.steps,
+                                                                      schedule=cfg.lr_schedule))
     model, optimizer = accelerator.prepare(spm, optimizer)
 
     fingerprint = _config_fingerprint(cfg, len(pairs))
@@ -345,7 +356,7 @@ def train(cfg: TrainConfig) -> dict:
         "steps": cfg.steps, "resumed_from_step": start_step, "pairs": len(pairs), "ties": summary.ties,
         "data": [str(f) for f in summary.files], "family": family, "base_model": base_name,
         "time_conditioning": cfg.time_conditioning, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
-        "processes": n_proc, "lr": cfg.lr, "weight_decay": cfg.weight_decay, "warmup": cfg.warmup,
+        "processes": n_proc, "lr": cfg.lr, "weight_decay": cfg.weight_decay, "warmup": cfg.warmup, "lr_schedule": cfg.lr_schedule,
         "max_t": cfg.max_t, "cfg_scale": cfg.cfg_scale, "mixed_precision": cfg.mixed_precision, "seed": cfg.seed,
         "init": cfg.init, "relabel": relabel_info,
         "final_loss_mean_last_10": float(np.mean(losses[-10:])) if losses else None,

@@ -32,35 +32,42 @@ def make_pair_rows(pipe, n_pairs: int, seed: int, steps: int = 20, cfg: float = 
     return _rated_rows(captions, images_0, images_1, seed, source="toy")
 
 
-def make_render_pair_rows(n_pairs: int, seed: int, split: str = "train", p_wrong: float = 0.3) -> list[dict]:
+def make_render_pair_rows(n_pairs: int, seed: int, split: str = "train", p_wrong: float = 0.3,
+                          p_missing: float = 0.1) -> list[dict]:
     """Pairs of two renders per caption, each with its own random defects.
 
     Pick-a-Pic's images come from many generators, not from the model an SPM is trained for; renders are
     the toy's "other generators". They are cheap to make and span the whole bad-to-good range of the
     training data. Like real generators, they sometimes miss the prompt: with probability `p_wrong` an image
-    shows another shape or colour than its caption says, so the labels teach alignment as well as aesthetics.
+    shows another shape or colour than its caption says, and with probability `p_missing` its subject is
+    faint or missing altogether, so the labels teach alignment as well as aesthetics. Without missing subjects
+    an SPM never sees that a clean empty frame is a failure, and SPO learns to erase low-contrast shapes.
     """
     from spo.toy.render import render, sample_defects
     from spo.toy.world import sample_scenes
 
     scenes = sample_scenes(n_pairs, seed, split=split)
     rng = np.random.default_rng([seed, 11])
-    images = [[render(_maybe_wrong(s, rng, p_wrong), sample_defects(rng), seed=int(rng.integers(2**31)))
-               for s in scenes] for _ in range(2)]
+    images = [[_render_generated(s, rng, p_wrong, p_missing, render, sample_defects) for s in scenes] for _ in range(2)]
     return _rated_rows([s.caption for s in scenes], images[0], images[1], seed, source="render")
 
 
-def _maybe_wrong(scene, rng: np.random.Generator, p_wrong: float):
-    """The scene, or with probability `p_wrong` the scene with its shape or its colour swapped for another."""
+def _render_generated(scene, rng: np.random.Generator, p_wrong: float, p_missing: float, render, sample_defects):
+    """One "other generator" image for the scene's caption: right, wrong (another shape or colour), or subject-less."""
     from dataclasses import replace
 
     from spo.toy.world import COLORS, SHAPES
 
-    if rng.random() >= p_wrong:
-        return scene
-    if rng.random() < 0.5:
-        return replace(scene, shape=str(rng.choice([s for s in SHAPES if s != scene.shape])))
-    return replace(scene, color=str(rng.choice([c for c in COLORS if c != scene.color])))
+    u = rng.random()
+    opacity = 1.0
+    if u < p_wrong:
+        if rng.random() < 0.5:
+            scene = replace(scene, shape=str(rng.choice([s for s in SHAPES if s != scene.shape])))
+        else:
+            scene = replace(scene, color=str(rng.choice([c for c in COLORS if c != scene.color])))
+    elif u < p_wrong + p_missing:
+        opacity = float(rng.uniform(0.0, 0.3))
+    return render(scene, sample_defects(rng), seed=int(rng.integers(2**31)), opacity=opacity)
 
 
 def _rated_rows(captions, images_0, images_1, seed: int, source: str) -> list[dict]:

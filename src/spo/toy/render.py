@@ -44,14 +44,15 @@ def sample_defects(rng: np.random.Generator, p_present: float = 0.45) -> Defects
     return Defects(**values)
 
 
-def _draw(scene: Scene, side: int, scale: float, shift: tuple[float, float]) -> Image.Image:
+def _draw(scene: Scene, side: int, scale: float, shift: tuple[float, float], opacity: float = 1.0) -> Image.Image:
     img = Image.new("RGB", (side, side), BACKGROUNDS[scene.background])
     draw = ImageDraw.Draw(img)
     px, py = POSITIONS[scene.position]
     cx, cy = (px + shift[0]) * side, (py + shift[1]) * side
     r = SIZES[scene.size] * scale * side / 2
     poly = shape_polygon(scene.shape, cx, cy, r)
-    color = COLORS[scene.color]
+    bg = BACKGROUNDS[scene.background]
+    color = tuple(round(b + opacity * (c - b)) for b, c in zip(bg, COLORS[scene.color]))
     if poly is None:
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
     else:
@@ -59,8 +60,13 @@ def _draw(scene: Scene, side: int, scale: float, shift: tuple[float, float]) -> 
     return img
 
 
-def render(scene: Scene, defects: Defects = CLEAN, seed: int = 0, size: int = IMAGE_SIZE) -> Image.Image:
-    """Render `scene` with `defects`; deterministic for (scene, defects, seed, size)."""
+def render(scene: Scene, defects: Defects = CLEAN, seed: int = 0, size: int = IMAGE_SIZE,
+           opacity: float = 1.0) -> Image.Image:
+    """Render `scene` with `defects`; deterministic for (scene, defects, seed, size).
+
+    `opacity` < 1 blends the shape's fill into the background: a faint or (at 0) missing subject, the
+    failure a generator shows when it drops the prompt's object. It is not a defect: the image is wrong, not ugly.
+    """
     rng = np.random.default_rng(seed)
     scale, shift = 1.0, (0.0, 0.0)
     if defects.cramped > 0:
@@ -71,9 +77,9 @@ def render(scene: Scene, defects: Defects = CLEAN, seed: int = 0, size: int = IM
     # Pixelation: draw at a coarser resolution without anti-aliasing, then upscale with nearest.
     low = int(round(size / (1 + 2.5 * defects.pixelation)))
     if defects.pixelation > 0 and low < size:
-        img = _draw(scene, low, scale, shift).resize((size, size), Image.NEAREST)
+        img = _draw(scene, low, scale, shift, opacity).resize((size, size), Image.NEAREST)
     else:
-        img = _draw(scene, size * SUPERSAMPLE, scale, shift).resize((size, size), Image.BOX)
+        img = _draw(scene, size * SUPERSAMPLE, scale, shift, opacity).resize((size, size), Image.BOX)
     if defects.blur > 0:
         img = img.filter(ImageFilter.GaussianBlur(radius=1.6 * defects.blur))
     x = np.asarray(img, dtype=np.float32) / 255.0
