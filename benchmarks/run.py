@@ -236,11 +236,13 @@ def quality(args) -> dict:
 
     fam, work = args.family, Path(args.work) / args.family
     base = f"toy:{fam}"
-    spo_points = _train_run(["spo", "train", "--preset", f"toy-{fam}", "--epochs", str(args.spo_epochs),
-                             "--seed", str(args.seed)], work / "spo")
+    spo_cmd = ["spo", "train", "--preset", f"toy-{fam}", "--epochs", str(args.spo_epochs), "--seed", str(args.seed)]
+    spo_points = _train_run(spo_cmd, work / "spo")
     dpo_cmd = ["spo", "dpo", "--preset", f"dpo-toy-{fam}", "--epochs", str(args.dpo_epochs), "--seed", str(args.seed)]
     if args.pairs:
-        dpo_cmd += ["--data", args.pairs]
+        dpo_cmd += ["--data", *args.pairs]
+    if args.dpo_max_pairs:
+        dpo_cmd += ["--max-pairs", str(args.dpo_max_pairs)]
     dpo_points = _train_run(dpo_cmd, work / "dpo")
     ref = _judge_arm(base, None, args.n, args.seed)
     a0, l0 = np.asarray(ref["aesthetic"]), np.asarray(ref["alignment"])
@@ -270,6 +272,7 @@ def quality(args) -> dict:
     plot = RESULTS / f"quality-{fam}.png"
     _plot_quality(plot, spo_rows, dpo_rows, fam)
     return {"family": fam, "n_per_arm": args.n, "seed": args.seed, "base_std": sd,
+            "commands": {"spo": " ".join(spo_cmd), "dpo": " ".join(dpo_cmd)},
             "base": {"aesthetic": float(a0.mean()), "alignment": float(l0.mean())},
             "spo": spo_rows, "dpo": dpo_rows, "equal_budget_seconds": budget,
             "at_equal_budget": {"spo": at_budget(spo_rows), "dpo": at_budget(dpo_rows)},
@@ -446,7 +449,9 @@ def main(argv: list[str]) -> None:
     q.add_argument("--n", type=int, default=512, help="held-out images per arm")
     q.add_argument("--spo-epochs", type=int, default=2)
     q.add_argument("--dpo-epochs", type=int, default=3)
-    q.add_argument("--pairs", default=None, help="Pick-a-Pic-schema parquet for DPO (default: made from the base)")
+    q.add_argument("--pairs", nargs="+", default=None,
+                   help="Pick-a-Pic-schema parquet for DPO (default: made from the base); the SPM's data is the fair choice")
+    q.add_argument("--dpo-max-pairs", type=int, default=0, help="use only this many of the DPO pairs (0: all)")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--work", default="outputs/bench-quality")
     m = sub.add_parser("merge-sdxl")

@@ -98,3 +98,25 @@ def test_deterministic_and_parts():
     est = sum(v for k, v in parts.items() if k.startswith("est_"))
     assert judge.aesthetic(data[0][2]) == pytest.approx(-est)
     assert len(judge.aesthetic_batch([d[2] for d in data])) == 12
+
+
+def test_judge_as_spo_scorer_prefers_the_right_clean_image():
+    # `--preference spo.toy.judge:preference` (the oracle for diagnosing the trainer) through the same loader
+    # and batched scoring the trainer uses: images in [-1, 1], [B, 3, H, W].
+    import torch
+
+    from spo.spm.scoring import load_scorer, score_images
+
+    scenes = all_scenes("all")[:6]
+    good = [render(s, seed=i) for i, s in enumerate(scenes)]
+    empty = [render(s, seed=i, opacity=0.0) for i, s in enumerate(scenes)]
+    grainy = [render(s, Defects(grain=0.9), seed=i) for i, s in enumerate(scenes)]
+
+    def batch(images):
+        x = torch.tensor(np.stack([np.asarray(im, dtype=np.float32) / 127.5 - 1 for im in images]))
+        return x.permute(0, 3, 1, 2)
+
+    scorer = load_scorer("spo.toy.judge:preference")
+    captions = [s.caption for s in scenes]
+    s_good, s_empty, s_grainy = (score_images(scorer, batch(b), captions, torch.tensor(0)) for b in (good, empty, grainy))
+    assert (s_good > s_empty).all() and (s_good > s_grainy).all()

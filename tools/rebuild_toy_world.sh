@@ -5,7 +5,7 @@
 # `--continue-from` with 1,200 decoder and 2,500 UNet steps; then 3,000 more UNet steps); one `spo toy build`
 # runs the same total budget. Measured on 2 CPU cores (2026-11-22, shared with other jobs): about 150 minutes
 # for the models (both families in parallel, one thread each), a few minutes for the render pairs, about 20
-# for each family's model pairs, 10 for the toy CLIP and 11 for each SPM.
+# for each family's model pairs, 10 for the toy CLIP and 14 for each SPM.
 set -euo pipefail
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}   # one thread per job: two jobs on two cores without spin contention
 ASSETS=src/spo/assets
@@ -25,8 +25,12 @@ spo toy clip --out "$WORK/toy_clip" > "$WORK/toy_clip.log" 2>&1
 
 # 3a. generic preference pairs from "other generators" (renders with random defects, simulated rater), shared
 #     by both families as Pick-a-Pic is: train captions for training, held-out captions for evaluation
-spo toy pairs --source render -n 4000 --seed 5 --out "$WORK/pairs_render_train.parquet"
-spo toy pairs --source render -n 600 --seed 6 --split heldout --out "$WORK/pairs_render_heldout.parquet"
+#     (10 % of the training images miss their subject; the held-out ones never do, so that agreement with the
+#     judge's aesthetic order is measured on images that show what their caption says)
+spo toy pairs --source render -n 6000 --seed 5 --out "$WORK/pairs_render4_train_a.parquet" &
+spo toy pairs --source render -n 6000 --seed 15 --out "$WORK/pairs_render4_train_b.parquet" &
+wait
+spo toy pairs --source render -n 600 --seed 6 --split heldout --p-missing 0 --out "$WORK/pairs_render_heldout.parquet"
 
 for family in sd15 sdxl; do
   (
@@ -34,9 +38,9 @@ for family in sd15 sdxl; do
     spo toy pairs --family "$family" -n 1000 --seed 1 --out "$WORK/pairs_${family}_train.parquet"
     spo toy pairs --family "$family" -n 400 --seed 2 --split heldout --out "$WORK/pairs_${family}_heldout.parquet"
     # 4. the SPM for this base model, and a time-unconditioned one on the same budget for comparison
-    SPM_ARGS=(--base "toy:$family" --init "$WORK/toy_clip" --steps 500 --batch-size 16 --lr 5e-4 --warmup 50 --weight-decay 0.05
+    SPM_ARGS=(--base "toy:$family" --init "$WORK/toy_clip" --steps 800 --batch-size 16 --lr 5e-4 --warmup 50 --lr-schedule cosine --weight-decay 0.05
               --checkpoint-every 100 --no-progress)
-    DATA=("$WORK/pairs_render_train.parquet" "$WORK/pairs_${family}_train.parquet")
+    DATA=("$WORK/pairs_render4_train_a.parquet" "$WORK/pairs_render4_train_b.parquet" "$WORK/pairs_${family}_train.parquet")
     spo spm train "${DATA[@]}" --out "$WORK/spm_$family" "${SPM_ARGS[@]}"
     spo spm train "${DATA[@]}" --out "$WORK/spm_${family}_untimed" --no-time-conditioning "${SPM_ARGS[@]}"
     rm -rf "$ASSETS/toy_spm/$family" && mkdir -p "$ASSETS/toy_spm" && cp -r "$WORK/spm_$family/spm" "$ASSETS/toy_spm/$family"

@@ -351,3 +351,20 @@ def alignment_batch(images: Sequence[Image.Image | np.ndarray], captions: Sequen
     if len(images) != len(captions):
         raise ValueError("images and captions differ in length")
     return np.array([alignment(im, c) for im, c in zip(images, captions)], dtype=np.int64)
+
+
+# ------------------------------------------------------------------------------------- as a scorer
+
+
+def preference(images, prompts: Sequence[str], timesteps=None, w_align: float = 2.0):
+    """The judge as an SPO scorer (`--preference spo.toy.judge:preference`): the simulated rater's utility,
+    w_align * alignment + aesthetic, without its noise. Images in [-1, 1] as [B, 3, H, W]; t is ignored.
+
+    An oracle for diagnosis: SPO with it shows what the trainer does given a perfect clean-image preference,
+    separating the trainer's limits from the preference model's.
+    """
+    import torch
+
+    x = ((images.detach().float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu().numpy()
+    scores = [w_align * alignment(im, cap) + aesthetic(im) for im, cap in zip(x, prompts)]
+    return torch.tensor(scores, dtype=torch.float32)
