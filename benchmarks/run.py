@@ -270,7 +270,7 @@ def quality(args) -> dict:
         return within[-1] if within else rows[0]
 
     plot = RESULTS / f"quality-{fam}.png"
-    _plot_quality(plot, spo_rows, dpo_rows, fam)
+    _plot_quality(plot, spo_rows, dpo_rows, fam, machine()["threads"])
     return {"family": fam, "n_per_arm": args.n, "seed": args.seed, "base_std": sd,
             "commands": {"spo": " ".join(spo_cmd), "dpo": " ".join(dpo_cmd)},
             "base": {"aesthetic": float(a0.mean()), "alignment": float(l0.mean())},
@@ -281,7 +281,7 @@ def quality(args) -> dict:
             "goal": "SPO beats Diffusion-DPO in judge aesthetic at equal budget, alignment within 2 points (issue 7)"}
 
 
-def _plot_quality(path: Path, spo_rows, dpo_rows, family: str) -> None:
+def _plot_quality(path: Path, spo_rows, dpo_rows, family: str, threads: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -294,7 +294,7 @@ def _plot_quality(path: Path, spo_rows, dpo_rows, family: str) -> None:
         e = [0.0] + [r["gain_ci95_in_base_std"] for r in rows]
         ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=name, color=color)
     ax.axhline(0.0, color="gray", lw=0.8)
-    ax.set_xlabel("training wall-clock (s, 2 CPU cores)")
+    ax.set_xlabel(f"training wall-clock (s, {threads} CPU thread(s) per run)")
     ax.set_ylabel("judge aesthetic gain (base std units, 95% CI)")
     ax.set_title(f"toy {family}: aesthetic against training time")
     ax.legend()
