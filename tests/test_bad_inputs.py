@@ -43,6 +43,9 @@ CASES = [
     ("train-missing-prompts", ["train", "--prompts", "{t}/nope.json", "--preference", "bad_inputs_scorer:brightness", "--output-dir", "{t}/o"],
      ["nope.json"], ["{t}/o"]),
     ("train-output-under-file", ["train", "--output-dir", "{file}/o", "--preference", "bad_inputs_scorer:brightness"], ["{file}"], []),
+    # /proc answers os.access(W_OK) with yes for root; only a real write attempt tells
+    ("train-output-in-proc", ["train", "--output-dir", "/proc/spo_no_such/o", "--preference", "bad_inputs_scorer:brightness"],
+     ["/proc", "not writable"], []),
     ("train-bad-preference", ["train", "--preference", "no_such_module_xyz:f", "--output-dir", "{t}/o",
                               "--max-prompts", "2"], ["no_such_module_xyz"], ["{t}/o"]),
     ("train-eval-images-zero", ["train", "--eval-images", "0", "--output-dir", "{t}/o"], ["eval-images"], ["{t}/o"]),

@@ -96,6 +96,13 @@ def check_output_dir(path: str | os.PathLike) -> Path:
         probe = probe.parent
     if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
         raise SpoInputError(f"output directory {path} is not writable ({probe} is not a writable folder)")
+    # os.access answers "yes" to root everywhere, even on read-only or pseudo file systems (/proc, /sys):
+    # an unnamed temporary file (gone when closed, nothing left behind) is the real test.
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as exc:
+        raise SpoInputError(f"output directory {path} is not writable ({probe}: {exc.strerror or exc})") from None
     return path
 
 
