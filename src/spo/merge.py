@@ -291,14 +291,14 @@ def lora_deltas(step: LoraStep, family: str, unet_cfg: dict, shapes: dict) -> di
     Every LoRA module must land on a base weight of the right shape; otherwise the error lists the modules
     that did not (a LoRA for another model changes nothing, and saying so beats a silent no-op merge).
     """
-    from spo.formats.webui_lora import load_lora, lora_family, modules_of, read_safetensors
+    from spo.formats.webui_lora import lora_family, lora_from_tensors, modules_of, read_safetensors
 
     tensors, meta = read_safetensors(step.path)
     found = lora_family(tensors, meta)
     if found == family and (direct := webui_deltas_by_name(tensors, shapes, step, family)) is not None:
         return direct
     # Converted with its own family's layout; only a same-family LoRA can use the base's exact UNet config.
-    state_dict, rank, alpha, _ = load_lora(step.path, unet_config=unet_cfg if found == family else None)
+    state_dict, rank, alpha, _ = lora_from_tensors(tensors, meta, step.path, unet_config=unet_cfg if found == family else None)
     modules = modules_of(state_dict)
     out: dict[str, list[_Delta]] = {}
     unmatched = []

@@ -299,7 +299,13 @@ def load_lora(path: str | Path, family: str | None = None, unet_config: dict | N
     path = Path(path)
     if path.is_dir():
         path = path / "pytorch_lora_weights.safetensors"
-    tensors, meta = read_safetensors(path)
+    return lora_from_tensors(*read_safetensors(path), path, family, unet_config)
+
+
+def lora_from_tensors(tensors: dict[str, torch.Tensor], meta: dict, path: Path, family: str | None = None,
+                      unet_config: dict | None = None) -> tuple[dict[str, torch.Tensor], int, float, str]:
+    """`load_lora` on a file already read (`path` only names it in errors): callers that inspected the
+    tensors first need not read a LoRA of hundreds of MB twice."""
     kind = lora_format(tensors)
     found = lora_family(tensors, meta)
     if family is not None and family != found:
