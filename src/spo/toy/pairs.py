@@ -43,19 +43,19 @@ def make_render_pair_rows(n_pairs: int, seed: int, split: str = "train", p_wrong
     faint or missing altogether, so the labels teach alignment as well as aesthetics. Without missing subjects
     an SPM never sees that a clean empty frame is a failure, and SPO learns to erase low-contrast shapes.
     """
-    from spo.toy.render import render, sample_defects
     from spo.toy.world import sample_scenes
 
     scenes = sample_scenes(n_pairs, seed, split=split)
     rng = np.random.default_rng([seed, 11])
-    images = [[_render_generated(s, rng, p_wrong, p_missing, render, sample_defects) for s in scenes] for _ in range(2)]
+    images = [[_render_generated(s, rng, p_wrong, p_missing) for s in scenes] for _ in range(2)]
     return _rated_rows([s.caption for s in scenes], images[0], images[1], seed, source="render")
 
 
-def _render_generated(scene, rng: np.random.Generator, p_wrong: float, p_missing: float, render, sample_defects):
+def _render_generated(scene, rng: np.random.Generator, p_wrong: float, p_missing: float):
     """One "other generator" image for the scene's caption: right, wrong (another shape or colour), or subject-less."""
     from dataclasses import replace
 
+    from spo.toy.render import render, sample_defects
     from spo.toy.world import COLORS, SHAPES
 
     u = rng.random()

@@ -45,13 +45,13 @@ def sample_defects(rng: np.random.Generator, p_present: float = 0.45) -> Defects
 
 
 def _draw(scene: Scene, side: int, scale: float, shift: tuple[float, float], opacity: float = 1.0) -> Image.Image:
-    img = Image.new("RGB", (side, side), BACKGROUNDS[scene.background])
+    bg = BACKGROUNDS[scene.background]
+    img = Image.new("RGB", (side, side), bg)
     draw = ImageDraw.Draw(img)
     px, py = POSITIONS[scene.position]
     cx, cy = (px + shift[0]) * side, (py + shift[1]) * side
     r = SIZES[scene.size] * scale * side / 2
     poly = shape_polygon(scene.shape, cx, cy, r)
-    bg = BACKGROUNDS[scene.background]
     color = tuple(round(b + opacity * (c - b)) for b, c in zip(bg, COLORS[scene.color]))
     if poly is None:
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
