@@ -94,10 +94,10 @@ def check_output_dir(path: str | os.PathLike) -> Path:
         if probe.parent == probe:
             break
         probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise SpoInputError(f"output directory {path} is not writable ({probe} is not a writable folder)")
-    # os.access answers "yes" to root everywhere, even on read-only or pseudo file systems (/proc, /sys):
-    # an unnamed temporary file (gone when closed, nothing left behind) is the real test.
+    if not probe.is_dir():
+        raise SpoInputError(f"output directory {path} is not writable ({probe} is not a folder)")
+    # An unnamed temporary file (gone when closed, nothing left behind), not os.access: that answers "yes" to
+    # root everywhere, even on read-only or pseudo file systems (/proc, /sys).
     try:
         with tempfile.TemporaryFile(dir=probe):
             pass
