@@ -14,14 +14,15 @@ def spo(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "spo", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
 
 
-def make_diffusers_lora(family: str, out_dir: Path, rank: int = 4, alpha: float = 8, text_encoders: bool = True) -> Path:
+def make_diffusers_lora(family: str, out_dir: Path, rank: int = 4, alpha: float = 8, text_encoders: bool = True,
+                        targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")) -> Path:
     """Train-free LoRA: peft adapters with random (non-zero) B on the toy, saved by diffusers' save_lora_weights."""
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
     torch.manual_seed(0)
     pipe = load_pipeline(f"toy:{family}")
-    cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False)
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=False)
     pipe.unet.add_adapter(cfg)
     kw = dict(unet_lora_layers=get_peft_model_state_dict(pipe.unet), unet_lora_adapter_metadata=cfg.to_dict())
     if text_encoders:

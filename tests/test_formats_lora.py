@@ -129,6 +129,18 @@ def test_export_cli(tmp_path):
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
+def test_self_attention_only_lora_exports_for_the_family_it_was_trained_for(tmp_path):
+    # Nothing in such a file names its family (no metadata, no attn2.to_k width): the trainer says it.
+    src = make_diffusers_lora("sd15", tmp_path / "src", text_encoders=False,
+                              targets=("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0"))
+    with pytest.raises(SpoInputError, match="cannot tell the LoRA's model family"):
+        export_lora(src, tmp_path / "guess", formats=("webui",))
+    out = export_lora(src, tmp_path / "out", family="sd15")
+    assert read_metadata(out["webui"])["ss_base_model_version"] == "sd_v1"
+    assert all("attn1" in k for k in read_safetensors(out["webui"])[0])
+    assert torch.allclose(_with_lora("sd15", out["webui"]), _with_lora("sd15", src), atol=1e-6)
+
+
 def test_not_a_lora(tmp_path):
     from safetensors.torch import save_file
 

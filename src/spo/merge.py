@@ -294,7 +294,7 @@ def lora_deltas(step: LoraStep, family: str, unet_cfg: dict, shapes: dict) -> di
     from spo.formats.webui_lora import lora_family, lora_from_tensors, modules_of, read_safetensors
 
     tensors, meta = read_safetensors(step.path)
-    found = lora_family(tensors, meta)
+    found = lora_family(tensors, meta, default=family)
     if found == family and (direct := webui_deltas_by_name(tensors, shapes, step, family)) is not None:
         return direct
     # Converted with its own family's layout; only a same-family LoRA can use the base's exact UNet config.

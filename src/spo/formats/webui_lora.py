@@ -135,8 +135,13 @@ def unet_config_for(state_dict: dict[str, torch.Tensor], family: str) -> dict:
     return default_unet_config(family)
 
 
-def lora_family(state_dict: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
-    """'sd15' or 'sdxl' from metadata, key names, or the cross-attention width of attn2.to_k."""
+def lora_family(state_dict: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
+                default: str | None = None) -> str:
+    """'sd15' or 'sdxl' from metadata, key names, or the cross-attention width of attn2.to_k.
+
+    `default` (the family the caller expects) answers when nothing tells: a self-attention-only LoRA of the
+    diffusers format has neither metadata, original-layout names nor an attn2.to_k.
+    """
     metadata = metadata or {}
     base = metadata.get("ss_base_model_version", "") + " " + metadata.get("modelspec.architecture", "")
     if "sdxl" in base or "stable-diffusion-xl" in base:
@@ -153,6 +158,8 @@ def lora_family(state_dict: dict[str, torch.Tensor], metadata: dict[str, str] | 
         return dims[_cross_dim(state_dict)]
     if any(k.startswith(("lora_te_", "text_encoder.")) for k in keys):
         return "sd15"
+    if default is not None:
+        return default
     raise SpoInputError("cannot tell the LoRA's model family (SD1.5 or SDXL); pass it explicitly")
 
 
@@ -237,7 +244,7 @@ def export_lora(source: str | Path, out_dir: str | Path, *, formats=("webui", "d
         state_dict, rank, file_alpha, found = load_lora(source)
         alphas = {m: file_alpha for m in modules_of(state_dict)}
     elif kind == "diffusers":
-        found = lora_family(state_dict, meta)
+        found = lora_family(state_dict, meta, default=family)
         alphas = adapter_alphas(meta, state_dict)
     else:
         raise SpoInputError(f"{source}: old-style diffusers LoRA keys; load and re-save it with current diffusers")
@@ -307,7 +314,7 @@ def lora_from_tensors(tensors: dict[str, torch.Tensor], meta: dict, path: Path, 
     """`load_lora` on a file already read (`path` only names it in errors): callers that inspected the
     tensors first need not read a LoRA of hundreds of MB twice."""
     kind = lora_format(tensors)
-    found = lora_family(tensors, meta)
+    found = lora_family(tensors, meta, default=family)
     if family is not None and family != found:
         raise SpoInputError(f"{path}: this LoRA is for {found}, not {family}")
     if kind == "diffusers-old":

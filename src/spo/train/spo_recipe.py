@@ -396,7 +396,8 @@ def final_outputs(pipe, model, cfg, out: Path, family: str, summary: dict, metho
             model.save_pretrained(tmp, safe_serialization=True)
         return {"unet": str(out / "unet")}
     lora = save_lora(pipe, model, out / "lora", summary)
-    webui = export_lora(out / "lora", out, formats=("webui",), name=f"{method}_{family}", training=summary)["webui"]
+    webui = export_lora(out / "lora", out, formats=("webui",), name=f"{method}_{family}", family=family,
+                       training=summary)["webui"]
     return {"lora": str(lora), "lora_webui": str(webui)}
 
 
