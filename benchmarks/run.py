@@ -215,7 +215,8 @@ def _train_run(cmd: list[str], out: Path) -> list[tuple[float, Path]]:
         run_child(cmd + ["--output-dir", str(out), "--no-report", "--no-evaluate"])
     points = []
     for folder in sorted(out.glob("lora-epoch-*")):
-        points.append((json.loads((folder / "training_summary.json").read_text())["seconds"], folder))
+        summary = json.loads((folder / "training_summary.json").read_text())
+        points.append((summary["seconds"], folder, summary.get("threads")))
     return points
 
 
@@ -236,21 +237,22 @@ def quality(args) -> dict:
 
     fam, work = args.family, Path(args.work) / args.family
     base = f"toy:{fam}"
-    spo_cmd = ["spo", "train", "--preset", f"toy-{fam}", "--epochs", str(args.spo_epochs), "--seed", str(args.seed)]
-    spo_points = _train_run(spo_cmd, work / "spo")
+    preset = args.spo_preset or f"toy-{fam}"
+    spo_cmd = ["spo", "train", "--preset", preset, "--epochs", str(args.spo_epochs), "--seed", str(args.seed)]
+    spo_points = _train_run(spo_cmd, work / preset)
     dpo_cmd = ["spo", "dpo", "--preset", f"dpo-toy-{fam}", "--epochs", str(args.dpo_epochs), "--seed", str(args.seed)]
     if args.pairs:
         dpo_cmd += ["--data", *args.pairs]
     if args.dpo_max_pairs:
         dpo_cmd += ["--max-pairs", str(args.dpo_max_pairs)]
-    dpo_points = _train_run(dpo_cmd, work / "dpo")
+    dpo_points = _train_run(dpo_cmd, work / "dpo") if args.dpo_epochs else []
     ref = _judge_arm(base, None, args.n, args.seed)
     a0, l0 = np.asarray(ref["aesthetic"]), np.asarray(ref["alignment"])
     sd = float(a0.std(ddof=1))
 
     def arm(points):
         rows = []
-        for seconds, folder in points:
+        for seconds, folder, _ in points:
             got = _judge_arm(base, folder, args.n, args.seed)
             a, al = np.asarray(got["aesthetic"]), np.asarray(got["alignment"])
             d, dl = a - a0, al - l0
@@ -263,22 +265,34 @@ def quality(args) -> dict:
         return rows
 
     spo_rows, dpo_rows = arm(spo_points), arm(dpo_points)
-    budget = min(spo_rows[-1]["train_seconds"], dpo_rows[-1]["train_seconds"])
+    budget = min(r[-1]["train_seconds"] for r in (spo_rows, dpo_rows) if r)
 
     def at_budget(rows):  # the last checkpoint reached within the shared wall-clock budget
         within = [r for r in rows if r["train_seconds"] <= budget * 1.05]
         return within[-1] if within else rows[0]
 
-    plot = RESULTS / f"quality-{fam}.png"
-    _plot_quality(plot, spo_rows, dpo_rows, fam, machine()["threads"])
-    return {"family": fam, "n_per_arm": args.n, "seed": args.seed, "base_std": sd,
-            "commands": {"spo": " ".join(spo_cmd), "dpo": " ".join(dpo_cmd)},
-            "base": {"aesthetic": float(a0.mean()), "alignment": float(l0.mean())},
-            "spo": spo_rows, "dpo": dpo_rows, "equal_budget_seconds": budget,
-            "at_equal_budget": {"spo": at_budget(spo_rows), "dpo": at_budget(dpo_rows)},
-            "at_convergence": {"spo": spo_rows[-1], "dpo": dpo_rows[-1]},
-            "plot": str(plot.relative_to(HERE.parent)),
-            "goal": "SPO beats Diffusion-DPO in judge aesthetic at equal budget, alignment within 2 points (issue 7)"}
+    # The threads the training ran with (recorded in its summaries), not this process's: a run may be reused.
+    threads = {p[2] for p in spo_points + dpo_points} - {None}
+    train_threads = threads.pop() if len(threads) == 1 else machine()["threads"]
+    plot = RESULTS / f"{quality_name(args)}.png"
+    _plot_quality(plot, spo_rows, dpo_rows, fam, train_threads)
+    result = {"family": fam, "n_per_arm": args.n, "seed": args.seed, "base_std": sd, "train_threads": train_threads,
+              "commands": {"spo": " ".join(spo_cmd), **({"dpo": " ".join(dpo_cmd)} if dpo_rows else {})},
+              "base": {"aesthetic": float(a0.mean()), "alignment": float(l0.mean())},
+              "spo": spo_rows, "at_convergence": {"spo": spo_rows[-1]}, "plot": str(plot.relative_to(HERE.parent)),
+              "goal": "SPO raises judge aesthetic by >= 0.5 base std with alignment down <= 2 points (issue 4)"}
+    if dpo_rows:
+        result.update(dpo=dpo_rows, equal_budget_seconds=budget,
+                      at_equal_budget={"spo": at_budget(spo_rows), "dpo": at_budget(dpo_rows)},
+                      at_convergence={"spo": spo_rows[-1], "dpo": dpo_rows[-1]},
+                      goal="SPO beats Diffusion-DPO in judge aesthetic at equal budget, alignment within 2 points (issue 7)")
+    return result
+
+
+def quality_name(args) -> str:
+    """quality-<family>, plus the SPO preset when it is not the family's toy default."""
+    preset = args.spo_preset or f"toy-{args.family}"
+    return f"quality-{args.family}" + ("" if preset == f"toy-{args.family}" else f"-{preset}")
 
 
 def _plot_quality(path: Path, spo_rows, dpo_rows, family: str, threads: int) -> None:
@@ -287,17 +301,22 @@ def _plot_quality(path: Path, spo_rows, dpo_rows, family: str, threads: int) -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for name, rows, color in (("SPO", spo_rows, "tab:blue"), ("Diffusion-DPO", dpo_rows, "tab:orange")):
-        x = [0.0] + [r["train_seconds"] for r in rows]
-        y = [0.0] + [r["gain_in_base_std"] for r in rows]
-        e = [0.0] + [r["gain_ci95_in_base_std"] for r in rows]
-        ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=name, color=color)
-    ax.axhline(0.0, color="gray", lw=0.8)
-    ax.set_xlabel(f"training wall-clock (s, {threads} CPU thread(s) per run)")
-    ax.set_ylabel("judge aesthetic gain (base std units, 95% CI)")
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4), dpi=120)
+    panels = ((ax, "gain_in_base_std", "gain_ci95_in_base_std", 0.5, "judge aesthetic gain (base std units, 95% CI)"),
+              (ax2, "alignment_change_points", "alignment_change_ci95_points", -2.0,
+               "judge alignment change (points, 95% CI)"))
+    for a, key, ci, bar, label in panels:
+        for name, rows, color in (("SPO", spo_rows, "tab:blue"), ("Diffusion-DPO", dpo_rows, "tab:orange")):
+            if rows:
+                a.errorbar([0.0] + [r["train_seconds"] for r in rows], [0.0] + [r[key] for r in rows],
+                           yerr=[0.0] + [r[ci] for r in rows], marker="o", capsize=3, label=name, color=color)
+        a.axhline(0.0, color="gray", lw=0.8)
+        a.axhline(bar, color="tab:green", lw=0.8, ls="--", label="issue 4 bar")
+        a.set_xlabel(f"training wall-clock (s, {threads} CPU thread(s) per run)")
+        a.set_ylabel(label)
+        a.legend()
     ax.set_title(f"toy {family}: aesthetic against training time")
-    ax.legend()
+    ax2.set_title(f"toy {family}: alignment against training time")
     fig.tight_layout()
     from spo.io import atomic_path
 
@@ -448,7 +467,8 @@ def main(argv: list[str]) -> None:
     q.add_argument("--family", default="sd15")
     q.add_argument("--n", type=int, default=512, help="held-out images per arm")
     q.add_argument("--spo-epochs", type=int, default=2)
-    q.add_argument("--dpo-epochs", type=int, default=3)
+    q.add_argument("--dpo-epochs", type=int, default=3, help="0: no Diffusion-DPO arm")
+    q.add_argument("--spo-preset", default="", help="SPO recipe (default: the family's toy preset)")
     q.add_argument("--pairs", nargs="+", default=None,
                    help="Pick-a-Pic-schema parquet for DPO (default: made from the base); the SPM's data is the fair choice")
     q.add_argument("--dpo-max-pairs", type=int, default=0, help="use only this many of the DPO pairs (0: all)")
@@ -462,8 +482,11 @@ def main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     fn = {"spo-iteration": spo_iteration, "judge-cost": judge_cost, "train-default": train_default,
           "merge-sdxl": merge_sdxl, "quality": quality}[args.name]
-    suffix = f"-{args.family}" if hasattr(args, "family") else "-toy" if getattr(args, "size", "full") == "toy" else ""
-    save(args.name + suffix, fn(args), [str(Path(__file__).relative_to(Path.cwd())) if Path.cwd() in Path(__file__).parents else __file__, *argv])
+    if args.name == "quality":
+        name = quality_name(args)
+    else:
+        name = args.name + (f"-{args.family}" if hasattr(args, "family") else "-toy" if getattr(args, "size", "full") == "toy" else "")
+    save(name, fn(args), [str(Path(__file__).relative_to(Path.cwd())) if Path.cwd() in Path(__file__).parents else __file__, *argv])
 
 
 if __name__ == "__main__":

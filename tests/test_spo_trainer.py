@@ -159,6 +159,16 @@ def test_config_errors_name_the_key(tmp_path):
     assert (cfg.k, cfg.lora_targets, cfg.learning_rate, cfg.num_inner_steps) == (3, ["to_q", "to_v"], 2e-5, 3)
 
 
+def test_every_preset_builds_a_valid_config():
+    from spo.train.config import PRESETS
+
+    for name in PRESETS:
+        cfg = build_config(name)
+        assert cfg.epochs > 0 and 0 <= cfg.divert_start_step < cfg.num_steps, name
+    long = build_config("toy-sdxl-long")
+    assert (long.k, long.num_inner_steps, long.base) == (2, 3, "toy:sdxl")  # the family's recipe, a longer budget
+
+
 DIST_SCRIPT = """
 import os, sys, torch
 from peft.utils import get_peft_model_state_dict

@@ -468,7 +468,7 @@ def _checkpoint(accelerator, ckpt_dir: Path, model, optimizer, lr_sched, progres
 
 def _summary(cfg: SPOConfig, family: str, progress: Progress, started: float) -> dict:
     return {"method": "SPO", "family": family, "base": cfg.base, "epochs": progress.epoch, "steps": progress.step,
-            "seconds": round(time.time() - started, 1), "config": to_dict(cfg)}
+            "seconds": round(time.time() - started, 1), "threads": torch.get_num_threads(), "config": to_dict(cfg)}
 
 
 @torch.no_grad()
