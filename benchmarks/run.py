@@ -209,8 +209,8 @@ def train_default(args) -> dict:
 
 
 # --------------------------------------------------------------------------------------- quality
-def _train_run(cmd: list[str], out: Path) -> list[tuple[float, Path]]:
-    """Run a training command (unless its output exists); its (training seconds, LoRA folder) per epoch."""
+def _train_run(cmd: list[str], out: Path) -> list[tuple[float, Path, int | None]]:
+    """Run a training command (unless its output exists); its (training seconds, LoRA folder, threads) per epoch."""
     if not (out / "lora").is_dir():
         run_child(cmd + ["--output-dir", str(out), "--no-report", "--no-evaluate"])
     points = []
