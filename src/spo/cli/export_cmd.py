@@ -16,8 +16,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="webui: A1111/ComfyUI/kohya keys; diffusers: peft keys (default: both)")
     parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
     parser.add_argument("--name", default=None, help="title and file-name stem (default: from the input)")
-    parser.add_argument("--family", choices=["sd15", "sdxl"], default=None, help="the base model family: checked against the file, and used where the file does not tell "
-                        "(a self-attention-only LoRA)")
+    parser.add_argument("--family", choices=["sd15", "sdxl"], default=None,
+                        help="the base model family: checked against the file, and used where the file does not "
+                             "tell (a self-attention-only LoRA)")
     parser.add_argument("--alpha", type=float, default=None, help="override alpha (default: the file's, else rank)")
     parser.add_argument("--description", default=None)
     parser.add_argument("--license", default=None, help="e.g. apache-2.0 (written to modelspec.license)")
