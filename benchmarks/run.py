@@ -4,6 +4,7 @@
     python benchmarks/run.py judge-cost      # decode + score of k candidates against one CFG UNet step
     python benchmarks/run.py train-default   # `spo train` with no arguments: wall-clock and peak RSS
     python benchmarks/run.py quality         # base vs Diffusion-DPO vs SPO on the toy: judge at equal budget, curves
+    python benchmarks/run.py selection       # how often a scorer's pick among SPO's candidates is the judge's, per step
     python benchmarks/run.py merge-sdxl      # `spo merge` of two full-size SDXL files + a rank-64 LoRA vs plain disk I/O
 
 Ratios are always against a baseline measured in the same run. Memory on CPU is the peak RSS growth of a
@@ -18,6 +19,7 @@ import math
 import os
 import platform
 import resource
+import shlex
 import subprocess
 import sys
 import time
@@ -158,6 +160,162 @@ def spo_iteration(args) -> dict:
             "goal": "CPU: >= 1.3x faster (issue 7); GPU: >= 2x faster at <= 0.6x peak memory"}
 
 
+# ----------------------------------------------------------------------------------------- selection
+def selection(args) -> dict:
+    """What SPO trains on, step by step: is the scorer's best candidate the one that ends prettier?
+
+    For held-out toy captions, one plain eta = 1 trajectory is branched at each measured step into k candidates
+    (one DDIM step from the shared x_t, as the resampler does); every scorer judges the same candidates on their
+    x0-hat at the next timestep; then each candidate is finished on its own and the judge scores the final image.
+    Agreement is the share of prompts where the scorer's best candidate ends with the higher judge aesthetic than
+    its worst; headroom is what picking by the final image itself would gain. Pairs within a group share their
+    parent, so this also shows at which steps composition is still open.
+    """
+    import numpy as np
+    import torch
+
+    from spo.models.family import encode, family_of, guided_eps
+    from spo.models.loading import load_pipeline
+    from spo.sampling.resampler import ddim_step, sample_plain, schedule
+    from spo.toy import judge
+    from spo.toy.world import sample_scenes
+    from spo.train.spo_recipe import load_preference, make_judge
+
+    torch.manual_seed(args.seed)
+    base, k, n = f"toy:{args.family}", args.k, args.n
+    pipe = load_pipeline(base)
+    family = family_of(pipe)
+    names = args.scorers or ["shipped-spm", "spo.toy.judge:preference"]
+    scorers = {name: load_preference("" if name == "shipped-spm" else name, base, family) for name in names}
+    prompts = [s.caption for s in sample_scenes(n, args.seed + 4321, split="heldout")]
+    timesteps, a_t, a_prev = schedule(pipe.scheduler, args.num_steps)
+    with torch.no_grad():
+        cond, uncond = encode(pipe, prompts), encode(pipe, prompts, negative=True)
+    rows_k = torch.arange(n).repeat_interleave(k)
+    branch_prompts = [prompts[r] for r in rows_k.tolist()]
+
+    def eps_fn(x, t, rows):
+        return guided_eps(pipe.unet, x, t, cond.index(rows), uncond.index(rows), args.cfg)
+
+    def eps_branch(x, t, rows):
+        return eps_fn(x, t, rows_k[rows])
+
+    def gens(tag: int, count: int):
+        return [torch.Generator().manual_seed((args.seed * 7919 + tag) * 100_003 + i) for i in range(count)]
+
+    side = pipe.unet.config.sample_size
+    x = torch.stack([torch.randn(pipe.unet.config.in_channels, side, side, generator=g) for g in gens(0, n)])
+    trunk = gens(1, n)
+    snapshots, steps = {}, sorted(set(args.steps))
+    with torch.no_grad():
+        for i in range(max(steps) + 1):  # the shared trajectory, kept at every measured step
+            if i in steps:
+                snapshots[i] = x.clone()
+            if i < max(steps):
+                x = sample_plain(eps_fn, x, timesteps[i:i + 1], a_t[i:i + 1], a_prev[i:i + 1], trunk, args.eta)
+    rows = []
+    from tqdm.auto import tqdm
+
+    for s in tqdm(steps, desc="selection", unit="step"):
+        with torch.no_grad():
+            xs = snapshots[s].repeat_interleave(k, dim=0)
+            eps = eps_fn(snapshots[s], timesteps[s].expand(n), torch.arange(n)).repeat_interleave(k, dim=0)
+            g_branch = gens(100 + s, n * k)
+            noise = torch.stack([torch.randn(xs.shape[1:], generator=g) for g in g_branch])
+            child = ddim_step(xs, eps, a_t[s], a_prev[s], args.eta, noise)
+            if s + 1 < len(timesteps):
+                t_next = timesteps[s + 1].expand(n * k)
+                from spo.ddim import predicted_x0
+
+                x0_hat = predicted_x0(child, eps_branch(child, t_next, torch.arange(n * k)), a_t[s + 1])
+                final = sample_plain(eps_branch, child, timesteps[s + 1:], a_t[s + 1:], a_prev[s + 1:], g_branch, args.eta)
+            else:
+                t_next, x0_hat, final = torch.zeros(n * k, dtype=torch.long), child, child
+            images = pipe.vae.decode(final / pipe.vae.config.scaling_factor).sample.clamp(-1, 1)
+            pixels = ((images + 1) / 2).permute(0, 2, 3, 1).numpy()
+            aes = np.array([judge.aesthetic(p) for p in pixels]).reshape(n, k)
+            ali = np.array([judge.alignment(p, c) for p, c in zip(pixels, branch_prompts)]).reshape(n, k)
+            row = {"step": s, "t": int(timesteps[s]), "t_judged": int(t_next[0]),
+                   "headroom_best_minus_worst": float((aes.max(1) - aes.min(1)).mean()),
+                   "within_group_aesthetic_std": float(aes.std(axis=1, ddof=1).mean()), "scorers": {}}
+            for name, scorer in scorers.items():
+                sc = make_judge(scorer, pipe, prompts)(x0_hat, rows_k, t_next).view(n, k).numpy()
+                best, worst = sc.argmax(1), sc.argmin(1)
+                d = aes[np.arange(n), best] - aes[np.arange(n), worst]
+                decided = (best != worst) & (d != 0)
+                agree = float((d[decided] > 0).mean()) if decided.any() else float("nan")
+                row["scorers"][name] = {
+                    "agreement": agree, "ci95": float(1.96 * np.sqrt(agree * (1 - agree) / max(decided.sum(), 1))),
+                    "n": int(decided.sum()), "pick_gain": float(d.mean()),
+                    "alignment_best_minus_worst": float((ali[np.arange(n), best] - ali[np.arange(n), worst]).mean())}
+        rows.append(row)
+    ceiling = _vae_ceiling(pipe, prompts, args.seed)
+    plot = RESULTS / f"selection-{args.family}{f'-{args.tag}' if args.tag else ''}.png"
+    _plot_selection(plot, rows, names, args.family, n, k)
+    return {"family": args.family, "n_prompts": n, "k": k, "num_steps": args.num_steps, "cfg": args.cfg, "seed": args.seed,
+            "scorers": names, "rows": rows, "vae_ceiling": ceiling, "plot": str(plot.relative_to(HERE.parent)),
+            "reading": "agreement 50 % = the scorer's pick is a coin flip for the final judge aesthetic; pick_gain is "
+                       "the judge-aesthetic difference (final images) between the scorer's best and worst candidate"}
+
+
+def _vae_ceiling(pipe, prompts: list[str], seed: int) -> dict:
+    """Judge defects of clean renders of the prompts and of their VAE round trips: what a perfect UNet could reach
+    (its images can be no better than the decoder's rendering of a clean latent)."""
+    import numpy as np
+    import torch
+
+    from spo.toy import judge
+    from spo.toy.render import CLEAN, render
+    from spo.toy.world import parse_caption
+
+    renders = [render(parse_caption(c), CLEAN, seed=seed + i) for i, c in enumerate(prompts)]
+    x = torch.stack([torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1) for im in renders])
+    with torch.no_grad():
+        latents = pipe.vae.encode(x.to(pipe.vae.dtype)).latent_dist.mean
+        back = pipe.vae.decode(latents).sample.clamp(-1, 1).float()
+    trips = ((back + 1) / 2).permute(0, 2, 3, 1).numpy()
+
+    def summary(images):
+        parts = [judge.aesthetic_parts(im) for im in images]
+        keys = [key for key in parts[0] if key.startswith("est_")]
+        return {"aesthetic": float(np.mean([-sum(p[key] for key in keys) for p in parts])),
+                "alignment": float(np.mean([judge.alignment(im, c) for im, c in zip(images, prompts)])),
+                **{key: float(np.mean([p[key] for p in parts])) for key in keys}}
+
+    return {"clean_renders": summary(renders), "vae_round_trip": summary(trips)}
+
+
+def _plot_selection(path: Path, rows, names, family: str, n: int, k: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from spo.io import atomic_path
+
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4), dpi=120)
+    steps = [r["step"] for r in rows]
+    for name in names:
+        acc = [100 * r["scorers"][name]["agreement"] for r in rows]
+        ci = [100 * r["scorers"][name]["ci95"] for r in rows]
+        ax.errorbar(steps, acc, yerr=ci, marker="o", capsize=3, label=name)
+        ax2.plot(steps, [r["scorers"][name]["pick_gain"] for r in rows], marker="o", label=f"{name}: best - worst")
+    ax2.plot(steps, [r["headroom_best_minus_worst"] for r in rows], "k--", label="hindsight (final images): max - min")
+    ax.axhline(50, color="gray", lw=0.8, ls="--")
+    ax.set_xlabel("sampling step the candidates branch at (of 20)")
+    ax.set_ylabel("scorer's best ends prettier than its worst (%)")
+    ax.set_title(f"toy {family}: selection agreement ({n} prompts, k = {k})")
+    ax2.set_xlabel("sampling step the candidates branch at (of 20)")
+    ax2.set_ylabel("final judge aesthetic difference")
+    ax2.set_title("what the pick is worth")
+    for a in (ax, ax2):
+        a.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
 # ----------------------------------------------------------------------------------------- judge-cost
 def judge_cost(args) -> dict:
     import torch
@@ -239,7 +397,10 @@ def quality(args) -> dict:
     base = f"toy:{fam}"
     preset = args.spo_preset or f"toy-{fam}"
     spo_cmd = ["spo", "train", "--preset", preset, "--epochs", str(args.spo_epochs), "--seed", str(args.seed)]
-    spo_points = _train_run(spo_cmd, work / preset)
+    if args.preference:
+        spo_cmd += ["--preference", args.preference]
+    spo_cmd += shlex.split(args.spo_args)
+    spo_points = _train_run(spo_cmd, work / (preset + (f"-{args.tag}" if args.tag else "")))
     dpo_cmd = ["spo", "dpo", "--preset", f"dpo-toy-{fam}", "--epochs", str(args.dpo_epochs), "--seed", str(args.seed)]
     if args.pairs:
         dpo_cmd += ["--data", *args.pairs]
@@ -278,6 +439,7 @@ def quality(args) -> dict:
     _plot_quality(plot, spo_rows, dpo_rows, fam, train_threads)
     result = {"family": fam, "n_per_arm": args.n, "seed": args.seed, "base_std": sd, "train_threads": train_threads,
               "commands": {"spo": " ".join(spo_cmd), **({"dpo": " ".join(dpo_cmd)} if dpo_rows else {})},
+              "preference": args.preference or "the shipped toy SPM", "spo_args": args.spo_args,
               "base": {"aesthetic": float(a0.mean()), "alignment": float(l0.mean())},
               "spo": spo_rows, "at_convergence": {"spo": spo_rows[-1]}, "plot": str(plot.relative_to(HERE.parent)),
               "goal": "SPO raises judge aesthetic by >= 0.5 base std with alignment down <= 2 points (issue 4)"}
@@ -290,9 +452,10 @@ def quality(args) -> dict:
 
 
 def quality_name(args) -> str:
-    """quality-<family>, plus the SPO preset when it is not the family's toy default."""
+    """quality-<family>, plus the SPO preset when it is not the family's toy default, plus the tag."""
     preset = args.spo_preset or f"toy-{args.family}"
-    return f"quality-{args.family}" + ("" if preset == f"toy-{args.family}" else f"-{preset}")
+    return (f"quality-{args.family}" + ("" if preset == f"toy-{args.family}" else f"-{preset}")
+            + (f"-{args.tag}" if args.tag else ""))
 
 
 def _plot_quality(path: Path, spo_rows, dpo_rows, family: str, threads: int) -> None:
@@ -472,18 +635,37 @@ def main(argv: list[str]) -> None:
     q.add_argument("--pairs", nargs="+", default=None,
                    help="Pick-a-Pic-schema parquet for DPO (default: made from the base); the SPM's data is the fair choice")
     q.add_argument("--dpo-max-pairs", type=int, default=0, help="use only this many of the DPO pairs (0: all)")
+    q.add_argument("--preference", default="", help="SPO's scorer: an SPM folder or module:function (default: the shipped toy SPM)")
+    q.add_argument("--spo-args", default="", help="more `spo train` flags for this variant, e.g. '--divert-start-step 0'")
+    q.add_argument("--tag", default="", help="names this variant's result file and training folder (with --preference or --spo-args)")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--work", default="outputs/bench-quality")
+    c = sub.add_parser("selection")
+    c.add_argument("--family", default="sd15")
+    c.add_argument("--n", type=int, default=64, help="held-out prompts")
+    c.add_argument("--k", type=int, default=4)
+    c.add_argument("--steps", type=int, nargs="+", default=[0, 2, 4, 6, 8, 10, 14, 18])
+    c.add_argument("--num-steps", type=int, default=20)
+    c.add_argument("--cfg", type=float, default=5.0)
+    c.add_argument("--eta", type=float, default=1.0)
+    c.add_argument("--scorers", nargs="+", default=None,
+                   help="SPM folders or module:function; 'shipped-spm' = the family's toy SPM (default: it and the judge)")
+    c.add_argument("--tag", default="", help="suffix of the result file")
+    c.add_argument("--seed", type=int, default=0)
     m = sub.add_parser("merge-sdxl")
     m.add_argument("--size", choices=["full", "toy"], default="full", help="full-size SDXL layout, or the toy's (a quick check)")
     m.add_argument("--rank", type=int, default=64)
     m.add_argument("--work", default="outputs/bench-merge", help="scratch folder (about 21 GB at full size)")
     m.add_argument("--keep", action="store_true", help="keep the scratch files")
     args = parser.parse_args(argv)
+    if args.name == "quality" and (args.preference or args.spo_args) and not args.tag:
+        parser.error("--preference and --spo-args need --tag, so that a variant's results do not overwrite the preset's")
     fn = {"spo-iteration": spo_iteration, "judge-cost": judge_cost, "train-default": train_default,
-          "merge-sdxl": merge_sdxl, "quality": quality}[args.name]
+          "merge-sdxl": merge_sdxl, "quality": quality, "selection": selection}[args.name]
     if args.name == "quality":
         name = quality_name(args)
+    elif args.name == "selection":
+        name = f"selection-{args.family}" + (f"-{args.tag}" if args.tag else "")
     else:
         name = args.name + (f"-{args.family}" if hasattr(args, "family") else "-toy" if getattr(args, "size", "full") == "toy" else "")
     save(name, fn(args), [str(Path(__file__).relative_to(Path.cwd())) if Path.cwd() in Path(__file__).parents else __file__, *argv])

@@ -140,6 +140,23 @@ def test_cli_train_sdxl_time_unconditioned_and_eval(pairs_file, tmp_path):
     assert r.returncode == 2 and "trained for sdxl" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
+def test_eval_same_judge_alignment_keeps_only_equally_aligned_pairs(pairs_file, tmp_path):
+    from spo.data.pickapic import read_pairs
+    from spo.spm.evaluate import evaluate
+    from spo.toy import judge
+
+    StepAwarePreferenceModel.toy(family="sd15", base_model="toy:sd15").save(tmp_path / "fresh")
+    pairs, _ = read_pairs([pairs_file])
+    aligned = [[judge.alignment(im, p.caption) for im in p.decode()] for p in pairs]
+    aes = [[judge.aesthetic(im) for im in p.decode()] for p in pairs]
+    expect = sum(a0 == a1 and e0 != e1 for (a0, a1), (e0, e1) in zip(aligned, aes))
+    assert 0 < expect < len(pairs)  # the fixture has both kinds, so the filter has something to do
+    result = evaluate([tmp_path / "fresh"], [pairs_file], timesteps=[0], against="judge", same_judge_alignment=True,
+                      progress=False)
+    assert result["same_judge_alignment"] and result["n_pairs"] == expect
+    assert result["n_pairs"] + result["filtered_by_judge_gap"] == len(pairs)
+
+
 @pytest.mark.parametrize("extra", [
     ["--steps", "0"],
     ["--lr", "abc"],

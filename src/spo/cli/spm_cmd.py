@@ -61,6 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="toy data: keep pairs whose toy-judge aesthetic scores differ by at least this")
     e.add_argument("--against", choices=["labels", "judge"], default="labels",
                    help="score agreement with the pairs' labels, or (toy data) with the toy judge's aesthetic order")
+    e.add_argument("--same-judge-alignment", action="store_true",
+                   help="toy data: keep only pairs whose two images the toy judge finds equally aligned with the caption")
     e.add_argument("--limit", type=positive_int, default=None, help="evaluate at most this many decided pairs")
     e.add_argument("--batch-size", type=positive_int, default=16)
     e.add_argument("--cfg", type=finite_float, default=5.0)
@@ -132,7 +134,7 @@ def _eval(args) -> int:
     check_output_dir(args.out)  # fail early, but create it only once there is a result to write
     result = evaluate(args.spm, args.data, base=args.base, timesteps=args.timesteps, min_judge_gap=args.min_judge_gap,
                       seed=args.seed, batch_size=args.batch_size, cfg_scale=args.cfg, limit=args.limit,
-                      progress=args.progress, against=args.against)
+                      progress=args.progress, against=args.against, same_judge_alignment=args.same_judge_alignment)
     out = ensure_writable_dir(args.out)
     write_json(out / "accuracy.json", result)
     plot_accuracy(result, out / "accuracy.png")

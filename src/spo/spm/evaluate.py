@@ -38,16 +38,25 @@ def judge_aesthetic_pairs(pairs) -> np.ndarray:
     return np.array([[judge.aesthetic(im) for im in p.decode()] for p in pairs]).reshape(-1, 2)
 
 
+def judge_alignment_pairs(pairs) -> np.ndarray:
+    """(n, 2) toy-judge alignment (0/1) of both images of each pair with the pair's caption."""
+    from spo.toy import judge
+
+    return np.array([[judge.alignment(im, p.caption) for im in p.decode()] for p in pairs]).reshape(-1, 2)
+
+
 def evaluate(spm_paths: Sequence[str | Path], data: Sequence[str | Path], *, base: str | None = None,
              timesteps: Sequence[int] = DEFAULT_TIMESTEPS, min_judge_gap: float | None = None, seed: int = 0,
              batch_size: int = 16, cfg_scale: float = 5.0, limit: int | None = None, device: str | None = None,
-             progress: bool = True, against: str = "labels") -> dict:
+             progress: bool = True, against: str = "labels", same_judge_alignment: bool = False) -> dict:
     """Accuracy of each SPM at each timestep.
 
     `against="labels"` scores agreement with the pairs' human (or simulated-rater) labels, ties excluded.
     `against="judge"` (toy world) scores agreement with the toy judge's aesthetic order instead: the rater's
     labels also weigh prompt alignment and mood, so on the toy's model-sample pairs even a perfect aesthetic
     scorer agrees with the labels only about 70 % of the time on clear-aesthetic-gap pairs.
+    `same_judge_alignment` (toy world) keeps only pairs whose two images the judge finds equally aligned with
+    the caption, where the judge's own preference (alignment first) is its aesthetic order.
     """
     from tqdm.auto import tqdm
 
@@ -84,10 +93,13 @@ def evaluate(spm_paths: Sequence[str | Path], data: Sequence[str | Path], *, bas
     decided = pairs if against == "judge" else [p for p in pairs if not p.is_tie]
     n_ties = len(pairs) - len(decided)
     n_filtered = 0
-    if min_judge_gap is not None or against == "judge":
+    if min_judge_gap is not None or against == "judge" or same_judge_alignment:
         judged = judge_aesthetic_pairs(decided)
         keep = np.abs(judged[:, 0] - judged[:, 1]) >= (min_judge_gap or 0.0)
         keep &= judged[:, 0] != judged[:, 1]
+        if same_judge_alignment:
+            aligned = judge_alignment_pairs(decided)
+            keep &= aligned[:, 0] == aligned[:, 1]
         n_filtered = int(len(decided) - keep.sum())
         decided = [p for p, k in zip(decided, keep) if k]
         judged = judged[keep]
@@ -127,7 +139,8 @@ def evaluate(spm_paths: Sequence[str | Path], data: Sequence[str | Path], *, bas
                        "family": spm.family, "accuracy": acc,
                        "ci95": {k: binomial_ci95(v, len(decided)) for k, v in acc.items()}})
     return {"timesteps": timesteps, "n_pairs": len(decided), "ties_excluded": n_ties,
-            "against": against, "judge_gap": min_judge_gap, "filtered_by_judge_gap": n_filtered, "base_model": str(base or "toy:sd15"),
+            "against": against, "judge_gap": min_judge_gap, "same_judge_alignment": same_judge_alignment,
+            "filtered_by_judge_gap": n_filtered, "base_model": str(base or "toy:sd15"),
             "family": family, "seed": seed, "cfg_scale": cfg_scale, "data": [str(f) for f in summary.files],
             "models": models}
 
@@ -149,8 +162,14 @@ def format_table(result: dict) -> str:
     target = "the toy judge's aesthetic order" if result.get("against") == "judge" else "the labels"
     lines.append(f"agreement with {target} on {result['n_pairs']} pairs (±{100 * _max_ci(result):.1f} pts 95% CI); "
                  f"{result['ties_excluded']} ties excluded"
-                 + (f"; {result['filtered_by_judge_gap']} below judge gap {result['judge_gap']}" if result["judge_gap"] is not None else ""))
+                 + _filter_note(result))
     return "\n".join(lines)
+
+
+def _filter_note(result: dict) -> str:
+    why = ([f"below judge gap {result['judge_gap']}"] if result["judge_gap"] is not None else []) + (
+        ["unequally aligned"] if result.get("same_judge_alignment") else [])
+    return f"; {result['filtered_by_judge_gap']} {' or '.join(why)}" if why else ""
 
 
 def _max_ci(result: dict) -> float:
