@@ -155,6 +155,21 @@ def test_eval_same_judge_alignment_keeps_only_equally_aligned_pairs(pairs_file, 
                       progress=False)
     assert result["same_judge_alignment"] and result["n_pairs"] == expect
     assert result["n_pairs"] + result["filtered_by_judge_gap"] == len(pairs)
+    # equally aligned pairs: the rater's noise-free utility orders them by aesthetics alone
+    assert result["references"]["rater_utility_without_noise"]["accuracy"] == 1.0
+    assert result["references"]["unequally_aligned"] == 0.0
+    # on all pairs the references are what the rater's rule and the labels say, computed here by hand
+    full = evaluate([tmp_path / "fresh"], [pairs_file], timesteps=[0], against="judge", progress=False)
+    kept = [i for i, (e0, e1) in enumerate(aes) if e0 != e1]
+    judge_winner = {i: int(aes[i][1] > aes[i][0]) for i in kept}
+    util_winner = {i: int(2 * aligned[i][1] + aes[i][1] > 2 * aligned[i][0] + aes[i][0]) for i in kept}
+    labelled = [i for i in kept if not pairs[i].is_tie]
+    ref = full["references"]
+    assert ref["rater_utility_without_noise"]["accuracy"] == pytest.approx(
+        np.mean([util_winner[i] == judge_winner[i] for i in kept]))
+    assert ref["rater_labels"]["n"] == len(labelled)
+    assert ref["rater_labels"]["accuracy"] == pytest.approx(np.mean([pairs[i].preferred == judge_winner[i] for i in labelled]))
+    assert ref["unequally_aligned"] == pytest.approx(np.mean([aligned[i][0] != aligned[i][1] for i in kept]))
 
 
 @pytest.mark.parametrize("extra", [

@@ -107,8 +107,10 @@ def evaluate(spm_paths: Sequence[str | Path], data: Sequence[str | Path], *, bas
         decided = decided[:limit]
     if not decided:
         raise SpoInputError(f"no decided (non-tie) pairs left to evaluate ({summary.describe()})")
+    references = {}
     if against == "judge":
         preferred = (judged[: len(decided), 1] > judged[: len(decided), 0]).astype(int)
+        references = rater_references(decided, judged[: len(decided)], preferred)
     else:
         preferred = np.array([p.preferred for p in decided])
 
@@ -142,7 +144,31 @@ def evaluate(spm_paths: Sequence[str | Path], data: Sequence[str | Path], *, bas
             "against": against, "judge_gap": min_judge_gap, "same_judge_alignment": same_judge_alignment,
             "filtered_by_judge_gap": n_filtered, "base_model": str(base or "toy:sd15"),
             "family": family, "seed": seed, "cfg_scale": cfg_scale, "data": [str(f) for f in summary.files],
-            "models": models}
+            "models": models, "references": references}
+
+
+def rater_references(pairs, judged: np.ndarray, preferred: np.ndarray) -> dict:
+    """Toy world: how often the rater's labels, and the rater's utility without its mood noise, agree with the
+    judge's aesthetic order on these pairs. The second is what a scorer that learned the labels perfectly would
+    score against the judge: the rater weighs alignment first, so where one image misses its caption the two
+    orders part."""
+    from spo.toy.pairs import rate
+
+    aligned = judge_alignment_pairs(pairs)
+    calm = np.random.default_rng(0)  # with noise = 0 it is never drawn from
+    utility = np.array([rate(a[0], a[1], int(l[0]), int(l[1]), calm, noise=0.0, tie_band=0.0)[1]
+                        for a, l in zip(judged, aligned)])
+    labelled = [i for i, p in enumerate(pairs) if not p.is_tie]
+    return {"rater_labels": {"accuracy": pairwise_accuracy(*_as_scores([pairs[i].preferred for i in labelled]),
+                                                           preferred[labelled]), "n": len(labelled)},
+            "rater_utility_without_noise": {"accuracy": pairwise_accuracy(*_as_scores(utility), preferred), "n": len(pairs)},
+            "unequally_aligned": float(np.mean(aligned[:, 0] != aligned[:, 1]))}
+
+
+def _as_scores(second_wins) -> tuple[np.ndarray, np.ndarray]:
+    """A 0/1 (or 0.5 for a tie) 'image 1 is preferred' vector as a pair of scores for pairwise_accuracy."""
+    w = np.asarray(second_wins, dtype=np.float64)
+    return 1.0 - w, w
 
 
 def model_name(path, spm) -> str:
@@ -162,8 +188,18 @@ def format_table(result: dict) -> str:
     target = "the toy judge's aesthetic order" if result.get("against") == "judge" else "the labels"
     lines.append(f"agreement with {target} on {result['n_pairs']} pairs (±{100 * _max_ci(result):.1f} pts 95% CI); "
                  f"{result['ties_excluded']} ties excluded"
-                 + _filter_note(result))
+                 + _filter_note(result) + _reference_note(result))
     return "\n".join(lines)
+
+
+def _reference_note(result: dict) -> str:
+    ref = result.get("references") or {}
+    if not ref:
+        return ""
+    return (f"\nthe rater's labels agree with the judge's aesthetic order on {100 * ref['rater_labels']['accuracy']:.1f}% "
+            f"of {ref['rater_labels']['n']} labelled pairs; its utility without noise (what a scorer that learned "
+            f"the labels perfectly would get) on {100 * ref['rater_utility_without_noise']['accuracy']:.1f}%; "
+            f"{100 * ref['unequally_aligned']:.0f}% of pairs are unequally aligned")
 
 
 def _filter_note(result: dict) -> str:
