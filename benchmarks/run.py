@@ -173,7 +173,9 @@ def selection(args) -> dict:
     """
     import numpy as np
     import torch
+    from tqdm.auto import tqdm
 
+    from spo.ddim import predicted_x0
     from spo.models.family import encode, family_of, guided_eps
     from spo.models.loading import load_pipeline
     from spo.sampling.resampler import ddim_step, sample_plain, schedule
@@ -214,8 +216,6 @@ def selection(args) -> dict:
             if i < max(steps):
                 x = sample_plain(eps_fn, x, timesteps[i:i + 1], a_t[i:i + 1], a_prev[i:i + 1], trunk, args.eta)
     rows = []
-    from tqdm.auto import tqdm
-
     for s in tqdm(steps, desc="selection", unit="step"):
         with torch.no_grad():
             xs = snapshots[s].repeat_interleave(k, dim=0)
@@ -225,8 +225,6 @@ def selection(args) -> dict:
             child = ddim_step(xs, eps, a_t[s], a_prev[s], args.eta, noise)
             if s + 1 < len(timesteps):
                 t_next = timesteps[s + 1].expand(n * k)
-                from spo.ddim import predicted_x0
-
                 x0_hat = predicted_x0(child, eps_branch(child, t_next, torch.arange(n * k)), a_t[s + 1])
                 final = sample_plain(eps_branch, child, timesteps[s + 1:], a_t[s + 1:], a_prev[s + 1:], g_branch, args.eta)
             else:
