@@ -434,7 +434,7 @@ def quality(args) -> dict:
     threads = {p[2] for p in spo_points + dpo_points} - {None}
     train_threads = threads.pop() if len(threads) == 1 else machine()["threads"]
     plot = RESULTS / f"{quality_name(args)}.png"
-    _plot_quality(plot, spo_rows, dpo_rows, fam, train_threads)
+    _plot_quality(plot, spo_rows, dpo_rows, fam + (f" ({args.tag})" if args.tag else ""), train_threads)
     result = {"family": fam, "n_per_arm": args.n, "seed": args.seed, "base_std": sd, "train_threads": train_threads,
               "commands": {"spo": " ".join(spo_cmd), **({"dpo": " ".join(dpo_cmd)} if dpo_rows else {})},
               "preference": args.preference or "the shipped toy SPM", "spo_args": args.spo_args,
