@@ -79,7 +79,8 @@ PRESETS: dict[str, dict] = {
     # The toy world: a few minutes on 2 CPU cores. The threshold is lower than the paper's because the toy
     # SPM's scores are on a much flatter scale than PickScore's (measured median best-worst softmax gap
     # 0.012 at the first trained step, ~0.001 by the last), so 0.3 would keep no pair at all. The SD1.5 toy trains
-    # only the last 10 steps (cheaper, and where the toy SPM is reliable) on more prompts at a lower lr than
+    # only the last 10 steps (half the branching cost; training all 20 gained nothing even with the judge as the
+    # preference: `benchmarks/run.py quality ... --tag oracle-divert0`) on more prompts at a lower lr than
     # before (64 prompts, lr 3e-3, divert 4: +0.04 base std, -1.95 alignment points; now +0.11, -1.2, faster).
     # The SDXL toy keeps the older values: the same change gave it +0.01 against +0.06.
     "toy-sd15": dict(base="toy:sd15", k=4, threshold=0.01, sample_batch_size=16, lora_rank=8, lora_alpha=8.0,
@@ -93,8 +94,9 @@ PRESETS: dict[str, dict] = {
 # 4 epochs at lr 5e-4, training only the last 10 of the 20 steps. With the old default's 128 prompt-samples at lr 3e-3
 # (16 optimizer steps of 8 prompts, divert 10), optimizer noise alone (a random scorer) cost ~5 alignment points;
 # the noise's drift grows with lr^2 * steps and the preference signal with lr * steps, so more samples at a
-# lower lr keep the gain and shed the drift. The later divert trains only steps the toy SPM judges well
-# (t <= 401, where it agrees with the judge 70-80 % of the time; 50-60 % at t >= 701).
+# lower lr keep the gain and shed the drift. The later divert: on generic pairs the toy SPM agrees with the
+# judge 70-80 % of the time at t <= 401 and 50-60 % at t >= 701 (among one step's siblings it is at chance at
+# every t: `benchmarks/run.py selection`).
 PRESETS.update({f"{name}-long": dict(PRESETS[name], learning_rate=5e-4, divert_start_step=10, max_prompts=384,
                                      epochs=4, output_dir=f"outputs/spo-{name}-long")
                 for name in ("toy-sd15", "toy-sdxl")})
