@@ -79,7 +79,7 @@ PRESETS: dict[str, dict] = {
     # The toy world: a few minutes on 2 CPU cores. The threshold is lower than the paper's because the toy
     # SPM's scores are on a much flatter scale than PickScore's (measured median best-worst softmax gap
     # 0.012 at the first trained step, ~0.001 by the last), so 0.3 would keep no pair at all. The SD1.5 toy trains
-    # only the last 10 steps (half the branching cost; training all 20 gained nothing even with the judge as the
+    # only the last 10 steps (half the branching cost; training all 20 gained no more, even with the judge as the
     # preference: `benchmarks/run.py quality ... --tag oracle-divert0`) on more prompts at a lower lr than
     # before (64 prompts, lr 3e-3, divert 4: +0.04 base std, -1.95 alignment points; now +0.11, -1.2, faster).
     # The SDXL toy keeps the older values: the same change gave it +0.01 against +0.06.
