@@ -93,6 +93,7 @@ def evaluate(spm_paths: Sequence[str | Path], data: Sequence[str | Path], *, bas
     decided = pairs if against == "judge" else [p for p in pairs if not p.is_tie]
     n_ties = len(pairs) - len(decided)
     n_filtered = 0
+    aligned = None
     if min_judge_gap is not None or against == "judge" or same_judge_alignment:
         judged = judge_aesthetic_pairs(decided)
         keep = np.abs(judged[:, 0] - judged[:, 1]) >= (min_judge_gap or 0.0)
@@ -103,6 +104,7 @@ def evaluate(spm_paths: Sequence[str | Path], data: Sequence[str | Path], *, bas
         n_filtered = int(len(decided) - keep.sum())
         decided = [p for p, k in zip(decided, keep) if k]
         judged = judged[keep]
+        aligned = None if aligned is None else aligned[keep]
     if limit is not None:
         decided = decided[:limit]
     if not decided:
@@ -110,7 +112,8 @@ def evaluate(spm_paths: Sequence[str | Path], data: Sequence[str | Path], *, bas
     references = {}
     if against == "judge":
         preferred = (judged[: len(decided), 1] > judged[: len(decided), 0]).astype(int)
-        references = rater_references(decided, judged[: len(decided)], preferred)
+        references = rater_references(decided, judged[: len(decided)], preferred,
+                                      None if aligned is None else aligned[: len(decided)])
     else:
         preferred = np.array([p.preferred for p in decided])
 
@@ -147,14 +150,14 @@ def evaluate(spm_paths: Sequence[str | Path], data: Sequence[str | Path], *, bas
             "models": models, "references": references}
 
 
-def rater_references(pairs, judged: np.ndarray, preferred: np.ndarray) -> dict:
+def rater_references(pairs, judged: np.ndarray, preferred: np.ndarray, aligned: np.ndarray | None = None) -> dict:
     """Toy world: how often the rater's labels, and the rater's utility without its mood noise, agree with the
     judge's aesthetic order on these pairs. The second is what a scorer that learned the labels perfectly would
     score against the judge: the rater weighs alignment first, so where one image misses its caption the two
     orders part."""
     from spo.toy.pairs import rate
 
-    aligned = judge_alignment_pairs(pairs)
+    aligned = judge_alignment_pairs(pairs) if aligned is None else aligned
     calm = np.random.default_rng(0)  # with noise = 0 it is never drawn from
     utility = np.array([rate(a[0], a[1], int(l[0]), int(l[1]), calm, noise=0.0, tie_band=0.0)[1]
                         for a, l in zip(judged, aligned)])
