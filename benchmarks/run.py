@@ -164,24 +164,20 @@ def spo_iteration(args) -> dict:
 def selection(args) -> dict:
     """What SPO trains on, step by step: is the scorer's best candidate the one that ends prettier?
 
-    For held-out toy captions, one plain eta = 1 trajectory is branched at each measured step into k candidates
-    (one DDIM step from the shared x_t, as the resampler does); every scorer judges the same candidates on their
-    x0-hat at the next timestep; then each candidate is finished on its own and the judge scores the final image.
-    Agreement is the share of prompts where the scorer's best candidate ends with the higher judge aesthetic than
-    its worst; headroom is what picking by the final image itself would gain. Pairs within a group share their
-    parent, so this also shows at which steps composition is still open.
+    `spo spm siblings` (src/spo/spm/siblings.py) with the toy judge's aesthetic as the reference, on held-out
+    toy captions, plus the VAE round-trip ceiling: agreement is the share of prompts where the scorer's best of
+    k siblings ends with the higher judge aesthetic than its worst; headroom is what picking by the final
+    image itself would gain. Pairs within a group share their parent, so this also shows at which steps
+    composition is still open.
     """
-    import numpy as np
     import torch
-    from tqdm.auto import tqdm
 
-    from spo.ddim import predicted_x0
-    from spo.models.family import encode, family_of, guided_eps
+    from spo.models.family import family_of
     from spo.models.loading import load_pipeline
-    from spo.sampling.resampler import ddim_step, sample_plain, schedule
+    from spo.spm.siblings import plot_siblings, sibling_agreement
     from spo.toy import judge
     from spo.toy.world import sample_scenes
-    from spo.train.spo_recipe import load_preference, make_judge
+    from spo.train.spo_recipe import load_preference
 
     torch.manual_seed(args.seed)
     base, k, n = f"toy:{args.family}", args.k, args.n
@@ -190,66 +186,20 @@ def selection(args) -> dict:
     names = args.scorers or ["shipped-spm", "spo.toy.judge:preference"]
     scorers = {name: load_preference("" if name == "shipped-spm" else name, base, family) for name in names}
     prompts = [s.caption for s in sample_scenes(n, args.seed + 4321, split="heldout")]
-    timesteps, a_t, a_prev = schedule(pipe.scheduler, args.num_steps)
-    with torch.no_grad():
-        cond, uncond = encode(pipe, prompts), encode(pipe, prompts, negative=True)
-    rows_k = torch.arange(n).repeat_interleave(k)
-    branch_prompts = [prompts[r] for r in rows_k.tolist()]
-
-    def eps_fn(x, t, rows):
-        return guided_eps(pipe.unet, x, t, cond.index(rows), uncond.index(rows), args.cfg)
-
-    def eps_branch(x, t, rows):
-        return eps_fn(x, t, rows_k[rows])
-
-    def gens(tag: int, count: int):
-        return [torch.Generator().manual_seed((args.seed * 7919 + tag) * 100_003 + i) for i in range(count)]
-
-    side = pipe.unet.config.sample_size
-    x = torch.stack([torch.randn(pipe.unet.config.in_channels, side, side, generator=g) for g in gens(0, n)])
-    trunk = gens(1, n)
-    snapshots, steps = {}, sorted(set(args.steps))
-    with torch.no_grad():
-        for i in range(max(steps) + 1):  # the shared trajectory, kept at every measured step
-            if i in steps:
-                snapshots[i] = x.clone()
-            if i < max(steps):
-                x = sample_plain(eps_fn, x, timesteps[i:i + 1], a_t[i:i + 1], a_prev[i:i + 1], trunk, args.eta)
+    found = sibling_agreement(pipe, scorers, {"aesthetic": judge.aesthetic_preference, "alignment": judge.alignment_preference},
+                              prompts, k=k, steps=args.steps, num_steps=args.num_steps, cfg=args.cfg, eta=args.eta,
+                              seed=args.seed, batch=n)
     rows = []
-    for s in tqdm(steps, desc="selection", unit="step"):
-        with torch.no_grad():
-            xs = snapshots[s].repeat_interleave(k, dim=0)
-            eps = eps_fn(snapshots[s], timesteps[s].expand(n), torch.arange(n)).repeat_interleave(k, dim=0)
-            g_branch = gens(100 + s, n * k)
-            noise = torch.stack([torch.randn(xs.shape[1:], generator=g) for g in g_branch])
-            child = ddim_step(xs, eps, a_t[s], a_prev[s], args.eta, noise)
-            if s + 1 < len(timesteps):
-                t_next = timesteps[s + 1].expand(n * k)
-                x0_hat = predicted_x0(child, eps_branch(child, t_next, torch.arange(n * k)), a_t[s + 1])
-                final = sample_plain(eps_branch, child, timesteps[s + 1:], a_t[s + 1:], a_prev[s + 1:], g_branch, args.eta)
-            else:
-                t_next, x0_hat, final = torch.zeros(n * k, dtype=torch.long), child, child
-            images = pipe.vae.decode(final / pipe.vae.config.scaling_factor).sample.clamp(-1, 1)
-            pixels = ((images + 1) / 2).permute(0, 2, 3, 1).numpy()
-            aes = np.array([judge.aesthetic(p) for p in pixels]).reshape(n, k)
-            ali = np.array([judge.alignment(p, c) for p, c in zip(pixels, branch_prompts)]).reshape(n, k)
-            row = {"step": s, "t": int(timesteps[s]), "t_judged": int(t_next[0]),
-                   "headroom_best_minus_worst": float((aes.max(1) - aes.min(1)).mean()),
-                   "within_group_aesthetic_std": float(aes.std(axis=1, ddof=1).mean()), "scorers": {}}
-            for name, scorer in scorers.items():
-                sc = make_judge(scorer, pipe, prompts)(x0_hat, rows_k, t_next).view(n, k).numpy()
-                best, worst = sc.argmax(1), sc.argmin(1)
-                d = aes[np.arange(n), best] - aes[np.arange(n), worst]
-                decided = (best != worst) & (d != 0)
-                agree = float((d[decided] > 0).mean()) if decided.any() else float("nan")
-                row["scorers"][name] = {
-                    "agreement": agree, "ci95": float(1.96 * np.sqrt(agree * (1 - agree) / max(decided.sum(), 1))),
-                    "n": int(decided.sum()), "pick_gain": float(d.mean()),
-                    "alignment_best_minus_worst": float((ali[np.arange(n), best] - ali[np.arange(n), worst]).mean())}
-        rows.append(row)
+    for r in found["rows"]:  # this benchmark's result schema, kept from before the library function
+        rows.append({"step": r["step"], "t": r["t"], "t_judged": r["t_judged"],
+                     "headroom_best_minus_worst": r["headroom_best_minus_worst"],
+                     "within_group_aesthetic_std": r["within_group_std"],
+                     "scorers": {name: {"agreement": v["agreement"], "ci95": v["ci95"], "n": v["n"],
+                                        "pick_gain": v["pick_gain"], "alignment_best_minus_worst": v["pick_gain_alignment"]}
+                                 for name, v in r["scorers"].items()}})
     ceiling = _vae_ceiling(pipe, prompts, args.seed)
     plot = RESULTS / f"selection-{args.family}{f'-{args.tag}' if args.tag else ''}.png"
-    _plot_selection(plot, rows, names, args.family, n, k)
+    plot_siblings(found, plot, title=f"toy {args.family}: selection agreement ({n} prompts, k = {k})")
     return {"family": args.family, "n_prompts": n, "k": k, "num_steps": args.num_steps, "cfg": args.cfg, "seed": args.seed,
             "scorers": names, "rows": rows, "vae_ceiling": ceiling, "plot": str(plot.relative_to(HERE.parent)),
             "reading": "agreement 50 % = the scorer's pick is a coin flip for the final judge aesthetic; pick_gain is "
@@ -281,37 +231,6 @@ def _vae_ceiling(pipe, prompts: list[str], seed: int) -> dict:
                 **{key: float(np.mean([p[key] for p in parts])) for key in keys}}
 
     return {"clean_renders": summary(renders), "vae_round_trip": summary(trips)}
-
-
-def _plot_selection(path: Path, rows, names, family: str, n: int, k: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from spo.io import atomic_path
-
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4), dpi=120)
-    steps = [r["step"] for r in rows]
-    for name in names:
-        acc = [100 * r["scorers"][name]["agreement"] for r in rows]
-        ci = [100 * r["scorers"][name]["ci95"] for r in rows]
-        ax.errorbar(steps, acc, yerr=ci, marker="o", capsize=3, label=name)
-        ax2.plot(steps, [r["scorers"][name]["pick_gain"] for r in rows], marker="o", label=f"{name}: best - worst")
-    ax2.plot(steps, [r["headroom_best_minus_worst"] for r in rows], "k--", label="hindsight (final images): max - min")
-    ax.axhline(50, color="gray", lw=0.8, ls="--")
-    ax.set_xlabel("sampling step the candidates branch at (of 20)")
-    ax.set_ylabel("scorer's best ends prettier than its worst (%)")
-    ax.set_title(f"toy {family}: selection agreement ({n} prompts, k = {k})")
-    ax2.set_xlabel("sampling step the candidates branch at (of 20)")
-    ax2.set_ylabel("final judge aesthetic difference")
-    ax2.set_title("what the pick is worth")
-    for a in (ax, ax2):
-        a.legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------------------- judge-cost

@@ -121,6 +121,11 @@ CASES = [
                                        "--out", "{t}/o"], ["pickle"], ["{t}/o"]),
     ("spm-convert-bad-family", ["spm", "convert", "{t}/x.bin", "--clip", "{t}", "--family", "sd3", "--out", "{t}/o"],
      ["sd3"], ["{t}/o"]),
+    ("spm-siblings-missing-scorer", ["spm", "siblings", "{t}/nope", "--out", "{t}/o"], ["nope"], ["{t}/o"]),
+    ("spm-siblings-step-past-end", ["spm", "siblings", "spo.toy.judge:preference", "--at-steps", "0,20",
+                                    "--out", "{t}/o"], ["at-steps"], ["{t}/o"]),
+    ("spm-siblings-empty-prompts", ["spm", "siblings", "spo.toy.judge:preference", "--prompts", "{empty}/p.txt",
+                                    "--out", "{t}/o"], ["p.txt"], ["{t}/o"]),
     ("toy-pairs-zero", ["toy", "pairs", "-n", "0", "--out", "{t}/p.parquet"], ["num-pairs"], ["{t}/p.parquet"]),
     ("toy-sample-missing-model", ["toy", "sample", "--model", "{t}/nope", "--out", "{t}/o"], ["nope"], ["{t}/o"]),
 ]

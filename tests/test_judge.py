@@ -120,3 +120,10 @@ def test_judge_as_spo_scorer_prefers_the_right_clean_image():
     captions = [s.caption for s in scenes]
     s_good, s_empty, s_grainy = (score_images(scorer, batch(b), captions, torch.tensor(0)) for b in (good, empty, grainy))
     assert (s_good > s_empty).all() and (s_good > s_grainy).all()
+    # its two parts as scorers of their own: the aesthetic ignores the caption, the alignment reads it
+    aes, ali = load_scorer("spo.toy.judge:aesthetic_preference"), load_scorer("spo.toy.judge:alignment_preference")
+    a_good, a_grainy = (score_images(aes, batch(b), captions, torch.tensor(0)) for b in (good, grainy))
+    assert (a_good > a_grainy).all()
+    assert torch.equal(a_good, score_images(aes, batch(good), ["a square"] * 6, torch.tensor(0)))
+    assert score_images(ali, batch(good), captions, torch.tensor(0)).tolist() == [1.0] * 6
+    assert score_images(ali, batch(empty), captions, torch.tensor(0)).tolist() == [0.0] * 6

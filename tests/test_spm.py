@@ -263,3 +263,39 @@ def test_load_scorer_and_score_latents(tmp_path):
     torch.testing.assert_close(score_images(scorer, images, prompts, t, chunk=4), ref, atol=1e-5, rtol=1e-5)
     with pytest.raises(SpoInputError):
         score_latents(scorer, vae, latents, prompts[:2], t)
+
+
+def test_pairwise_log_loss_and_paired_difference_by_hand():
+    from spo.spm.evaluate import pair_correct, paired_difference, pairwise_log_loss
+
+    preferred = np.array([0, 1, 1, 0])
+    s0, s1 = np.array([2.0, 0.0, 1.0, 0.0]), np.array([0.0, 1.0, 1.0, 3.0])
+    assert pair_correct(s0, s1, preferred).tolist() == [1.0, 1.0, 0.5, 0.0]
+    # margins of the preferred image: 2, 1, 0, -3
+    want = np.mean([np.log1p(np.exp(-2.0)), np.log1p(np.exp(-1.0)), np.log(2.0), np.log1p(np.exp(3.0))])
+    assert pairwise_log_loss(s0, s1, preferred) == pytest.approx(want, rel=1e-12)
+    # a scorer that never commits sits at ln 2 whatever the labels
+    assert pairwise_log_loss(np.zeros(4), np.zeros(4), preferred) == pytest.approx(np.log(2.0))
+    a, b = np.array([1.0, 0.0, 1.0, 0.5]), np.array([1.0, 1.0, 1.0, 1.0])
+    diff, ci = paired_difference(a, b)
+    d = b - a
+    assert diff == pytest.approx(0.375) and ci == pytest.approx(1.96 * d.std(ddof=1) / 2.0)
+    # identical scorers: zero difference with zero width, however noisy each one is
+    assert paired_difference(a, a) == (0.0, 0.0)
+
+
+def test_a_clip_folder_is_a_clean_image_scorer(clip_dir):
+    # PickScore_v1 as the user has it (a transformers CLIP folder) can relabel pairs, judge finished images
+    # for `spo spm siblings`, or be SPO's preference, with no conversion: its score is plain CLIP's, t ignored.
+    from transformers import CLIPModel
+
+    from spo.spm.scoring import is_clip_dir, load_scorer
+
+    assert is_clip_dir(clip_dir) and not is_clip_dir(clip_dir.parent)
+    scorer = load_scorer(clip_dir, family="sdxl")  # a plain CLIP belongs to no family
+    clip = CLIPModel.from_pretrained(clip_dir, local_files_only=True).eval()
+    images = _images()
+    with torch.no_grad():
+        ref = _reference_scores(clip, scorer, images, PROMPTS)
+        torch.testing.assert_close(scorer(images, PROMPTS, torch.tensor([0, 500, 999])), ref, atol=1e-5, rtol=1e-6)
+    assert not scorer.time_conditioning and not any(p.requires_grad for p in scorer.parameters())

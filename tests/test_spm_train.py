@@ -125,6 +125,13 @@ def test_cli_train_sdxl_time_unconditioned_and_eval(pairs_file, tmp_path):
     assert result["ties_excluded"] == 3 and 0 < result["n_pairs"] <= 4
     for m in result["models"]:
         assert all(0.0 <= v <= 1.0 for v in m["accuracy"].values())
+        assert all(np.isfinite(v) and v >= 0.0 for v in m["log_loss"].values())
+    # the two scorers compared on the very same pairs: the paired difference is exactly the accuracy gap
+    (paired,) = result["paired"]
+    a, b = result["models"]
+    for t in ("0", "951"):
+        assert paired["b_minus_a"][t] == pytest.approx(b["accuracy"][t] - a["accuracy"][t], abs=1e-12)
+    assert "minus" in r.stdout and "log loss" in r.stdout
     assert (ev / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "t=951" in r.stdout and "time-unconditioned" in r.stdout
     # against the toy judge's aesthetic order, the rater's ties are no longer excluded

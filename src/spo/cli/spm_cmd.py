@@ -45,7 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--keep-checkpoints", type=positive_int, default=2)
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     t.add_argument("--relabel-with", default=None,
-                   help="relabel pairs by a clean-image scorer (an SPM folder at t=0, or package.module:function)")
+                   help="relabel pairs by a clean-image scorer: a CLIP folder (PickScore_v1, as the SDXL recipe), an SPM "
+                        "folder at t=0, or package.module:function")
     t.add_argument("--relabel-threshold", type=finite_float, default=0.1,
                    help="tie unless the softmax gap of the clean scores exceeds this (SDXL recipe: 0.1)")
     t.add_argument("--cpu", action="store_true", help="train on CPU even when a GPU is present")
@@ -69,6 +70,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--out", type=Path, default=Path("outputs/spm_eval"), help="folder for accuracy.json + accuracy.png")
     e.add_argument("--no-progress", dest="progress", action="store_false")
+
+    g = sub.add_parser("siblings", help="does a preference model pick, among SPO's k candidates, the one a clean-image "
+                                        "reference prefers once finished? (per sampling step, with a plot)")
+    g.add_argument("preference", nargs="+", help="SPM folders (or CLIP folders, package.module:function scorers) to check")
+    g.add_argument("--reference", default=None,
+                   help="clean-image scorer the finished candidates are judged by: a CLIP folder (e.g. PickScore_v1), "
+                        "an SPM folder (scored at t = 0) or package.module:function; toy default: the toy judge's "
+                        "aesthetic (spo.toy.judge:aesthetic_preference)")
+    g.add_argument("--base", default=None, help="base model: toy:sd15 (default), toy:sdxl, or a diffusers folder")
+    g.add_argument("--prompts", default=None, metavar="FILE",
+                   help="prompts (JSON list, text, CSV/parquet); toy default: held-out toy captions")
+    g.add_argument("--prompt-column", default=None)
+    g.add_argument("-n", "--num-prompts", type=positive_int, default=64, help="prompts to branch (at most)")
+    g.add_argument("--k", type=positive_int, default=4, help="candidates per branching (SPO: 4 for SD1.5, 2 for SDXL)")
+    g.add_argument("--at-steps", type=_timesteps, default=[0, 4, 10, 14, 18],
+                   help="sampling steps (0-based, of --num-steps) to branch at")
+    g.add_argument("--num-steps", type=positive_int, default=20)
+    g.add_argument("--cfg", type=finite_float, default=5.0)
+    g.add_argument("--eta", type=finite_float, default=1.0)
+    g.add_argument("--batch-size", type=positive_int, default=8, help="prompts per batch (k candidates each)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--out", type=Path, default=Path("outputs/spm_siblings"), help="folder for siblings.json + siblings.png")
+    g.add_argument("--no-progress", dest="progress", action="store_false")
 
     c = sub.add_parser("convert", help="convert an official SPM checkpoint (.bin torch pickle) to an SPM folder")
     c.add_argument("checkpoint", type=Path, help="official final_ckpt.bin")
@@ -103,6 +127,8 @@ def run(args: argparse.Namespace) -> int:
         return _eval(args)
     if args.spm_command == "convert":
         return _convert(args)
+    if args.spm_command == "siblings":
+        return _siblings(args)
     raise SpoInputError(f"unknown spm action {args.spm_command!r}")
 
 
@@ -140,6 +166,64 @@ def _eval(args) -> int:
     plot_accuracy(result, out / "accuracy.png")
     print(format_table(result))
     print(f"wrote {out / 'accuracy.json'} and {out / 'accuracy.png'}")
+    return 0
+
+
+def _siblings(args) -> int:
+    from spo.io import check_output_dir, ensure_writable_dir, write_json
+    from spo.models.family import family_of
+    from spo.models.loading import load_pipeline
+    from spo.spm.denoise import freeze
+    from spo.spm.evaluate import model_name
+    from spo.spm.scoring import find_spm_dir, load_scorer
+    from spo.spm.siblings import format_table, plot_siblings, sibling_agreement
+
+    base = args.base or "toy:sd15"
+    toy = base.startswith("toy:")
+    bad = [s for s in args.at_steps if not 0 <= s < args.num_steps]
+    if bad or not args.at_steps:
+        raise SpoInputError(f"--at-steps must be in [0, {args.num_steps}), got {bad or 'none'}")
+    if args.eta < 0:
+        raise SpoInputError(f"--eta must be >= 0, got {args.eta}")
+    if args.k < 2:
+        raise SpoInputError(f"--k must be at least 2 to have siblings, got {args.k}")
+    if args.reference is None and not toy:
+        raise SpoInputError("give --reference: the clean-image scorer the finished candidates are judged by "
+                            "(a CLIP folder such as PickScore_v1, an SPM folder, or package.module:function)")
+    if args.prompts:
+        from spo.data.prompts import load_prompts
+
+        prompts = list(load_prompts(args.prompts, args.prompt_column))[:args.num_prompts]
+    elif toy:
+        from spo.toy.world import sample_scenes
+
+        prompts = [s.caption for s in sample_scenes(args.num_prompts, args.seed + 4321, split="heldout")]
+    else:
+        raise SpoInputError("give --prompts FILE (the toy's held-out captions are only the default for toy bases)")
+    if not prompts:
+        raise SpoInputError(f"{args.prompts}: no prompts")
+    check_output_dir(args.out)
+    pipe = load_pipeline(base)
+    freeze(pipe)
+    family = family_of(pipe)
+
+    scorers = {}
+    for spec in args.preference:
+        scorer = load_scorer(spec, family=family)
+        scorers[model_name(spec, scorer) if find_spm_dir(spec) else spec] = scorer
+    reference = args.reference or "spo.toy.judge:aesthetic_preference"
+    references = {reference: load_scorer(reference)}
+    if toy:  # the toy judge can also say what the pick costs in alignment
+        references.setdefault("spo.toy.judge:alignment_preference", load_scorer("spo.toy.judge:alignment_preference"))
+    result = sibling_agreement(pipe, scorers, references, prompts, k=args.k, steps=args.at_steps,
+                               num_steps=args.num_steps, cfg=args.cfg, eta=args.eta, seed=args.seed,
+                               batch=args.batch_size, progress=args.progress)
+    result.update(base_model=base, family=family, prompts=args.prompts or "toy held-out captions")
+    out = ensure_writable_dir(args.out)
+    write_json(out / "siblings.json", result)
+    plot_siblings(result, out / "siblings.png")
+    print(format_table(result))
+    print(f"wrote {out / 'siblings.json'} and {out / 'siblings.png'}")
     return 0
 
 

@@ -19,12 +19,41 @@ from spo.errors import SpoInputError
 DEFAULT_TIMESTEPS = (0, 251, 501, 701, 951)
 
 
+def pair_correct(s0: np.ndarray, s1: np.ndarray, preferred: np.ndarray) -> np.ndarray:
+    """Per pair: 1 where the preferred image scores higher, 0 where lower, 0.5 for equal scores."""
+    diff = np.where(preferred == 0, s0 - s1, s1 - s0)
+    return np.where(diff > 0, 1.0, np.where(diff == 0, 0.5, 0.0))
+
+
 def pairwise_accuracy(s0: np.ndarray, s1: np.ndarray, preferred: np.ndarray) -> float:
     """Share of pairs where the preferred image scores higher (equal scores count half)."""
     if len(s0) == 0:
         return float("nan")
-    diff = np.where(preferred == 0, s0 - s1, s1 - s0)
-    return float(np.mean(np.where(diff > 0, 1.0, np.where(diff == 0, 0.5, 0.0))))
+    return float(np.mean(pair_correct(s0, s1, preferred)))
+
+
+def pairwise_log_loss(s0: np.ndarray, s1: np.ndarray, preferred: np.ndarray) -> float:
+    """Mean -log softmax(s0, s1)[preferred] in nats: ln 2 = 0.693 for a scorer that always says "can't tell".
+
+    Accuracy only asks for the order; SPO also reads the margin (it keeps a pair only when the softmax gap
+    exceeds its threshold), so a scorer that knows when it cannot tell, e.g. at high t, shows it here.
+    """
+    if len(s0) == 0:
+        return float("nan")
+    margin = np.where(preferred == 0, s0 - s1, s1 - s0).astype(np.float64)
+    return float(np.mean(np.logaddexp(0.0, -margin)))
+
+
+def paired_difference(correct_a: np.ndarray, correct_b: np.ndarray) -> tuple[float, float]:
+    """Accuracy of b minus accuracy of a on the same pairs, with a 95 % normal-approximation CI.
+
+    Pairing removes the pair-to-pair variance both scorers share, so this interval is much narrower than
+    the two accuracies' own intervals suggest.
+    """
+    d = np.asarray(correct_b, dtype=np.float64) - np.asarray(correct_a, dtype=np.float64)
+    if len(d) < 2:
+        return float("nan"), float("nan")
+    return float(d.mean()), float(1.96 * d.std(ddof=1) / math.sqrt(len(d)))
 
 
 def binomial_ci95(acc: float, n: int) -> float:
@@ -136,18 +165,28 @@ def evaluate(spm_paths: Sequence[str | Path], data: Sequence[str | Path], *, bas
                 bar.update(1)
     bar.close()
 
-    models = []
+    models, correct = [], {}
     for m, (path, spm) in enumerate(zip(spm_paths, spms)):
-        acc = {str(t): pairwise_accuracy(np.array(scores[(m, t)][0]), np.array(scores[(m, t)][1]), preferred)
-               for t in timesteps}
+        s = {t: (np.array(scores[(m, t)][0]), np.array(scores[(m, t)][1])) for t in timesteps}
+        for t in timesteps:
+            correct[(m, t)] = pair_correct(*s[t], preferred)
+        acc = {str(t): float(correct[(m, t)].mean()) for t in timesteps}
         models.append({"path": str(path), "name": model_name(path, spm), "time_conditioning": spm.time_conditioning,
                        "family": spm.family, "accuracy": acc,
-                       "ci95": {k: binomial_ci95(v, len(decided)) for k, v in acc.items()}})
+                       "ci95": {k: binomial_ci95(v, len(decided)) for k, v in acc.items()},
+                       "log_loss": {str(t): pairwise_log_loss(*s[t], preferred) for t in timesteps}})
+    paired = []
+    for a in range(len(spms)):
+        for b in range(a + 1, len(spms)):
+            diffs = {str(t): paired_difference(correct[(a, t)], correct[(b, t)]) for t in timesteps}
+            paired.append({"a": models[a]["name"], "b": models[b]["name"], "a_index": a, "b_index": b,
+                           "b_minus_a": {k: v[0] for k, v in diffs.items()},
+                           "ci95": {k: v[1] for k, v in diffs.items()}})
     return {"timesteps": timesteps, "n_pairs": len(decided), "ties_excluded": n_ties,
             "against": against, "judge_gap": min_judge_gap, "same_judge_alignment": same_judge_alignment,
             "filtered_by_judge_gap": n_filtered, "base_model": str(base or "toy:sd15"),
             "family": family, "seed": seed, "cfg_scale": cfg_scale, "data": [str(f) for f in summary.files],
-            "models": models, "references": references}
+            "models": models, "paired": paired, "references": references}
 
 
 def rater_references(pairs, judged: np.ndarray, preferred: np.ndarray, aligned: np.ndarray | None = None) -> dict:
@@ -188,6 +227,12 @@ def format_table(result: dict) -> str:
     lines = [head, "-" * len(head)]
     for m in result["models"]:
         lines.append(f"{m['name']:<{width}} " + " ".join(f"{100 * m['accuracy'][str(t)]:>7.1f}%" for t in ts))
+    lines.append("log loss (nats; ln 2 = 0.693 is a scorer that never commits)")
+    for m in result["models"]:
+        lines.append(f"{m['name']:<{width}} " + " ".join(f"{m['log_loss'][str(t)]:>8.3f}" for t in ts))
+    for d in result.get("paired", []):
+        lines.append(f"{d['b']} minus {d['a']} on the same pairs (accuracy points ± 95% CI): " + ", ".join(
+            f"t={t} {100 * d['b_minus_a'][str(t)]:+.1f}±{100 * d['ci95'][str(t)]:.1f}" for t in ts))
     target = "the toy judge's aesthetic order" if result.get("against") == "judge" else "the labels"
     lines.append(f"agreement with {target} on {result['n_pairs']} pairs (±{100 * _max_ci(result):.1f} pts 95% CI); "
                  f"{result['ties_excluded']} ties excluded"
@@ -225,17 +270,23 @@ def plot_accuracy(result: dict, target: str | Path) -> Path:
 
     from spo.io import atomic_path
 
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    fig, (ax, ax_loss) = plt.subplots(1, 2, figsize=(11, 4), dpi=120)
     ts = result["timesteps"]
     for m in result["models"]:
         acc = [100 * m["accuracy"][str(t)] for t in ts]
         ci = [100 * m["ci95"][str(t)] for t in ts]
-        ax.errorbar(ts, acc, yerr=ci, marker="o", capsize=3, label=m["name"])
+        line = ax.errorbar(ts, acc, yerr=ci, marker="o", capsize=3, label=m["name"])
+        if "log_loss" in m:
+            ax_loss.plot(ts, [m["log_loss"][str(t)] for t in ts], marker="o", color=line[0].get_color(), label=m["name"])
     ax.axhline(50, color="grey", lw=0.8, ls="--")
     ax.set_xlabel("timestep t")
     ax.set_ylabel("pairwise accuracy (%)" + (", vs judge aesthetic" if result.get("against") == "judge" else ", vs labels"))
     ax.set_title(f"SPM accuracy on {result['n_pairs']} pairs ({result['family']} x0-hat)")
     ax.legend(fontsize=8)
+    ax_loss.axhline(math.log(2), color="grey", lw=0.8, ls="--")
+    ax_loss.set_xlabel("timestep t")
+    ax_loss.set_ylabel("log loss (nats, lower is better)")
+    ax_loss.set_title("calibration: ln 2 = never commits")
     fig.tight_layout()
     target = Path(target)
     with atomic_path(target, suffix=".png") as tmp:

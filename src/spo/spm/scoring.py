@@ -1,4 +1,4 @@
-"""Scorers for the SPO trainer: an SPM folder or any `package.module:function`, behind one callable.
+"""Scorers for the SPO trainer: an SPM folder, a CLIP folder or any `package.module:function`, behind one callable.
 
 A scorer is `scorer(images, prompts, timesteps) -> scores [B]` with images in [-1, 1] as [B, 3, H, W].
 `score_latents` is the hot path of SPO sampling: decode k candidates' x0-hat latents and score them.
@@ -28,6 +28,17 @@ def find_spm_dir(path: str | Path) -> Path | None:
     return None
 
 
+def is_clip_dir(path: str | Path) -> bool:
+    """A transformers CLIPModel folder (config.json with model_type "clip")."""
+    import json
+
+    config = Path(path) / "config.json"
+    try:
+        return config.is_file() and json.loads(config.read_text()).get("model_type") == "clip"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def load_spm(path: str | Path, *, family: str | None = None, device=None) -> StepAwarePreferenceModel:
     """Load a saved SPM for inference (eval mode, no gradients); refuse one trained for another family."""
     spm_dir = find_spm_dir(path)
@@ -41,10 +52,14 @@ def load_spm(path: str | Path, *, family: str | None = None, device=None) -> Ste
 
 
 def load_scorer(spec: str | Path, *, family: str | None = None, device=None) -> Scorer:
-    """An SPM folder, or "package.module:function" naming a scorer callable."""
+    """An SPM folder, a transformers CLIP folder (a clean-image scorer such as PickScore_v1: t is ignored),
+    or "package.module:function" naming a scorer callable."""
     text = str(spec)
     if find_spm_dir(text) is not None:
         return load_spm(text, family=family, device=device)
+    if is_clip_dir(text):
+        clip = StepAwarePreferenceModel.from_clip(text, time_conditioning=False).eval().requires_grad_(False)
+        return clip.to(device) if device is not None else clip
     if ":" in text and not Path(text).exists():
         module_name, _, func_name = text.partition(":")
         if not module_name or not func_name:

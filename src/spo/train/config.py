@@ -23,7 +23,7 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 class SPOConfig:
     # what to train
     base: str = "toy:sd15"  # "toy:sd15", "toy:sdxl", a diffusers folder or a single-file checkpoint
-    preference: str = ""  # an SPM folder, or "module:function"; "" = the shipped toy SPM of a toy base
+    preference: str = ""  # an SPM folder, a CLIP folder (clean-image scorer), "module:function"; "" = the toy SPM
     prompts: str = ""  # JSON list, text file, CSV/parquet (see prompt_column); "" = toy training captions
     prompt_column: str = "caption"
     max_prompts: int = 0  # 0 = all
