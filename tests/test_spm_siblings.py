@@ -76,11 +76,13 @@ def _spo(tmp_path, *args):
 
 def test_cli_siblings_writes_json_and_plot_and_refuses_bad_input(tmp_path):
     (tmp_path / "sib_scorers.py").write_text(BRIGHTNESS)
+    (tmp_path / "prompts.txt").write_text("a red circle\na blue square at the top\na green triangle\n")
     out = tmp_path / "sib"
     r = _spo(tmp_path, "sib_scorers:brightness", "sib_scorers:darkness", "--reference", "sib_scorers:brightness",
-             "-n", "3", "--k", "2", "--at-steps", "19", "--out", str(out), "--no-progress")
+             "--prompts", "prompts.txt", "-n", "2", "--k", "2", "--at-steps", "19", "--out", str(out), "--no-progress")
     assert r.returncode == 0, r.stderr[-2000:]
     result = json.loads((out / "siblings.json").read_text())
+    assert result["n_prompts"] == 2 and result["prompts"] == "prompts.txt"
     (row,) = result["rows"]
     assert row["scorers"]["sib_scorers:brightness"]["agreement"] == 1.0
     assert row["scorers"]["sib_scorers:darkness"]["agreement"] == 0.0

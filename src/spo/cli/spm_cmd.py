@@ -154,23 +154,30 @@ def _train(args) -> int:
 
 
 def _eval(args) -> int:
-    from spo.io import check_output_dir, ensure_writable_dir, write_json
+    from spo.io import check_output_dir
     from spo.spm.evaluate import evaluate, format_table, plot_accuracy
 
     check_output_dir(args.out)  # fail early, but create it only once there is a result to write
     result = evaluate(args.spm, args.data, base=args.base, timesteps=args.timesteps, min_judge_gap=args.min_judge_gap,
                       seed=args.seed, batch_size=args.batch_size, cfg_scale=args.cfg, limit=args.limit,
                       progress=args.progress, against=args.against, same_judge_alignment=args.same_judge_alignment)
-    out = ensure_writable_dir(args.out)
-    write_json(out / "accuracy.json", result)
-    plot_accuracy(result, out / "accuracy.png")
-    print(format_table(result))
-    print(f"wrote {out / 'accuracy.json'} and {out / 'accuracy.png'}")
+    return _publish(args.out, "accuracy", result, plot_accuracy, format_table(result))
+
+
+def _publish(out_dir: Path, stem: str, result: dict, plot, table: str) -> int:
+    """Write `stem`.json and its plot `stem`.png into out_dir (each atomically), then print the table."""
+    from spo.io import ensure_writable_dir, write_json
+
+    out = ensure_writable_dir(out_dir)
+    write_json(out / f"{stem}.json", result)
+    plot(result, out / f"{stem}.png")
+    print(table)
+    print(f"wrote {out / f'{stem}.json'} and {out / f'{stem}.png'}")
     return 0
 
 
 def _siblings(args) -> int:
-    from spo.io import check_output_dir, ensure_writable_dir, write_json
+    from spo.io import check_output_dir
     from spo.models.family import family_of
     from spo.models.loading import load_pipeline
     from spo.spm.denoise import freeze
@@ -219,12 +226,7 @@ def _siblings(args) -> int:
                                num_steps=args.num_steps, cfg=args.cfg, eta=args.eta, seed=args.seed,
                                batch=args.batch_size, progress=args.progress)
     result.update(base_model=base, family=family, prompts=args.prompts or "toy held-out captions")
-    out = ensure_writable_dir(args.out)
-    write_json(out / "siblings.json", result)
-    plot_siblings(result, out / "siblings.png")
-    print(format_table(result))
-    print(f"wrote {out / 'siblings.json'} and {out / 'siblings.png'}")
-    return 0
+    return _publish(args.out, "siblings", result, plot_siblings, format_table(result))
 
 
 def _convert(args) -> int:

@@ -286,7 +286,7 @@ def plot_accuracy(result: dict, target: str | Path) -> Path:
     ax_loss.axhline(math.log(2), color="grey", lw=0.8, ls="--")
     ax_loss.set_xlabel("timestep t")
     ax_loss.set_ylabel("log loss (nats, lower is better)")
-    ax_loss.set_title("calibration: ln 2 = never commits")
+    ax_loss.set_title("log loss (dashed: ln 2, a scorer that never commits)", fontsize=9)
     fig.tight_layout()
     target = Path(target)
     with atomic_path(target, suffix=".png") as tmp:
