@@ -5,6 +5,7 @@
     python benchmarks/run.py train-default   # `spo train` with no arguments: wall-clock and peak RSS
     python benchmarks/run.py quality         # base vs Diffusion-DPO vs SPO on the toy: judge at equal budget, curves
     python benchmarks/run.py selection       # how often a scorer's pick among SPO's candidates is the judge's, per step
+    python benchmarks/run.py spm-time        # step-aware vs time-unconditioned SPMs: same data, budget, seeds
     python benchmarks/run.py merge-sdxl      # `spo merge` of two full-size SDXL files + a rank-64 LoRA vs plain disk I/O
 
 Ratios are always against a baseline measured in the same run. Memory on CPU is the peak RSS growth of a
@@ -231,6 +232,170 @@ def _vae_ceiling(pipe, prompts: list[str], seed: int) -> dict:
                 **{key: float(np.mean([p[key] for p in parts])) for key in keys}}
 
     return {"clean_renders": summary(renders), "vae_round_trip": summary(trips)}
+
+
+# ------------------------------------------------------------------------------------------- spm-time
+# Issue 3's comparison: the data, the two arms' recipe (the shipped SD1.5 toy SPM's: 800 steps of 16, lr 5e-4
+# cosine, from the toy CLIP) and the held-out sets, as commands. Each step is skipped when its output exists.
+SPM_TIME_DATA = {
+    "pairs_render_train_41.parquet": ["toy", "pairs", "--source", "render", "-n", "6000", "--seed", "41"],
+    "pairs_render_train_42.parquet": ["toy", "pairs", "--source", "render", "-n", "6000", "--seed", "42"],
+    "pairs_sd15_train_43.parquet": ["toy", "pairs", "--source", "model", "-n", "800", "--seed", "43"],
+    # the issue's set of record (298 clear-gap pairs; byte-identical to sessions 7 and 8's)
+    "pairs_render_heldout.parquet": ["toy", "pairs", "--source", "render", "-n", "600", "--seed", "6", "--split",
+                                     "heldout", "--p-missing", "0"],
+    # a larger set made the same way, for narrower intervals
+    "pairs_render_heldout_s9.parquet": ["toy", "pairs", "--source", "render", "-n", "2000", "--seed", "9", "--split",
+                                        "heldout", "--p-missing", "0"],
+    # every image shows its caption: the pairs differ only in aesthetics and mood
+    "pairs_render_heldout_aligned_s10.parquet": ["toy", "pairs", "--source", "render", "-n", "1200", "--seed", "10",
+                                                 "--split", "heldout", "--p-wrong", "0", "--p-missing", "0"],
+}
+SPM_TIME_TRAIN = ["--steps", "800", "--batch-size", "16", "--lr", "5e-4", "--lr-schedule", "cosine", "--warmup", "50",
+                  "--weight-decay", "0.05", "--cpu", "--no-progress", "--log-every", "100", "--checkpoint-every", "400"]
+SPM_TIME_EVALS = {  # result folder under docs/spm_time_conditioning: (pairs file, extra flags)
+    "renders_298": ("pairs_render_heldout.parquet", ["--min-judge-gap", "0.5", "--against", "judge"]),
+    "aligned": ("pairs_render_heldout_aligned_s10.parquet", ["--min-judge-gap", "0.5", "--against", "judge"]),
+    "renders_2000": ("pairs_render_heldout_s9.parquet", ["--min-judge-gap", "0.5", "--against", "judge"]),
+    "renders_2000_labels": ("pairs_render_heldout_s9.parquet", []),
+}
+
+
+def _run_side_by_side(cmds: list[list[str]], env: dict) -> None:
+    """Run commands at once (one thread each), so that arms compared with each other share the machine alike."""
+    procs = [(cmd, subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+             for cmd in cmds]
+    for cmd, proc in procs:
+        _, err = proc.communicate()
+        if proc.returncode:
+            raise SystemExit(f"{shlex.join(cmd)}: {err[-3000:]}")
+
+
+def spm_time(args) -> dict:
+    """Step-aware against time-unconditioned SPMs trained on the same data, budget and seeds.
+
+    For each seed both arms are trained side by side; then every SPM (and the shipped one) is evaluated on the
+    same predicted images of each held-out set, and on SPO's own task: picking among siblings (`spo spm siblings`).
+    """
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    data, work, docs = Path(args.data), Path(args.work), HERE.parent / "docs" / "spm_time_conditioning"
+    spo = [sys.executable, "-m", "spo"]
+    pending = [[*spo, *cmd, "--out", str(data / name)] for name, cmd in SPM_TIME_DATA.items() if not (data / name).exists()]
+    if not (Path(args.clip) / "config.json").exists():
+        pending.append([*spo, "toy", "clip", "--out", args.clip])
+    for i in range(0, len(pending), 2):
+        _run_side_by_side(pending[i:i + 2], env)
+    train_data = [str(data / n) for n in list(SPM_TIME_DATA)[:3]]
+    arms = {}
+    for seed in args.seeds:
+        runs = []
+        for arm, flags in (("aware", []), ("untimed", ["--no-time-conditioning"])):
+            out = work / f"spm_{arm}_s{seed}"
+            arms[(arm, seed)] = out
+            if not (out / "spm").exists():
+                runs.append([*spo, "spm", "train", *train_data, "--out", str(out), "--seed", str(seed), *flags,
+                             "--init", args.clip, *SPM_TIME_TRAIN])
+        _run_side_by_side(runs, env)
+    models = [str(arms[(arm, s)]) for s in args.seeds for arm in ("aware", "untimed")] + [args.shipped]
+    jobs = [[*spo, "spm", "eval", *models, "--data", str(data / pairs), *flags, "--out", str(docs / name), "--no-progress"]
+            for name, (pairs, flags) in SPM_TIME_EVALS.items() if not (docs / name / "accuracy.json").exists()]
+    if not (docs / "siblings" / "siblings.json").exists():
+        jobs.append([*spo, "spm", "siblings", *models, "spo.toy.judge:preference", "-n", str(args.n_siblings), "--k", "4",
+                     "--at-steps", "0,4,10,14,18", "--batch-size", "32", "--out", str(docs / "siblings"), "--no-progress"])
+    for i in range(0, len(jobs), 2):
+        _run_side_by_side(jobs[i:i + 2], env)
+    evals = {name: json.loads((docs / name / "accuracy.json").read_text()) for name in SPM_TIME_EVALS}
+    siblings = json.loads((docs / "siblings" / "siblings.json").read_text())
+    summary = {name: _arm_summary(ev, args.seeds) for name, ev in evals.items()}
+    sib = _sibling_summary(siblings, args.seeds)
+    plot = RESULTS / "spm-time-sd15.png"
+    _plot_spm_time(plot, summary, sib, evals)
+    return {"seeds": args.seeds, "train_data": [Path(p).name for p in train_data],
+            "recipe": " ".join(SPM_TIME_TRAIN), "init": args.clip, "evals": summary, "siblings": sib,
+            "n_pairs": {name: ev["n_pairs"] for name, ev in evals.items()}, "result_folders": str(docs.relative_to(HERE.parent)),
+            "plot": str(plot.relative_to(HERE.parent)),
+            "reading": "aware_minus_untimed: mean over seeds of the paired accuracy difference on the same pairs; "
+                       "ci95_at_most: mean of the seeds' paired 95 % half-widths (an upper bound for the mean's)"}
+
+
+def _arm_name(seed: int, arm: str) -> str:
+    return f"spm_{arm}_s{seed} ({'step-aware' if arm == 'aware' else 'time-unconditioned'})"
+
+
+def _arm_summary(ev: dict, seeds: list[int]) -> dict:
+    by_name = {m["name"]: m for m in ev["models"]}
+    out = {}
+    for t in map(str, ev["timesteps"]):
+        diffs, cis = [], []
+        for s in seeds:
+            a, u = _arm_name(s, "aware"), _arm_name(s, "untimed")
+            (d,) = [d for d in ev["paired"] if {d["a"], d["b"]} == {a, u}]
+            sign = 1.0 if d["b"] == a else -1.0  # b_minus_a is stored; we want aware minus untimed
+            diffs.append(sign * d["b_minus_a"][t])
+            cis.append(d["ci95"][t])
+        mean = lambda key, arm: sum(by_name[_arm_name(s, arm)][key][t] for s in seeds) / len(seeds)  # noqa: E731
+        out[t] = {"aware": mean("accuracy", "aware"), "untimed": mean("accuracy", "untimed"),
+                  "aware_minus_untimed": sum(diffs) / len(diffs), "per_seed": diffs, "ci95_at_most": sum(cis) / len(cis),
+                  "log_loss_aware": mean("log_loss", "aware"), "log_loss_untimed": mean("log_loss", "untimed")}
+    return out
+
+
+def _sibling_summary(result: dict, seeds: list[int]) -> dict:
+    out = {}
+    for row in result["rows"]:
+        get = lambda arm: [row["scorers"][_arm_name(s, arm)]["agreement"] for s in seeds]  # noqa: E731
+        out[str(row["step"])] = {"t_judged": row["t_judged"], "aware": sum(get("aware")) / len(seeds),
+                                 "untimed": sum(get("untimed")) / len(seeds), "aware_per_seed": get("aware"),
+                                 "untimed_per_seed": get("untimed"),
+                                 "judge": row["scorers"]["spo.toy.judge:preference"]["agreement"],
+                                 "n": row["scorers"][_arm_name(seeds[0], "aware")]["n"]}
+    return out
+
+
+def _plot_spm_time(path: Path, summary: dict, sib: dict, evals: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from spo.io import atomic_path
+
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8), dpi=110)
+    for ax, (name, rows) in zip(axes.flat, summary.items()):
+        ts = [int(t) for t in rows]
+        for arm, style in (("aware", "o-"), ("untimed", "s--")):
+            ax.plot(ts, [100 * rows[t][arm] for t in rows], style, label=f"{'step-aware' if arm == 'aware' else 'time-unconditioned'} (mean of seeds)")
+        ax.errorbar(ts, [100 * (rows[t]["untimed"] + rows[t]["aware_minus_untimed"]) for t in rows],
+                    yerr=[100 * rows[t]["ci95_at_most"] for t in rows], fmt="none", ecolor="C0", capsize=3, alpha=0.6)
+        ax.axhline(50, color="gray", lw=0.8, ls="--")
+        target = "judge aesthetic" if evals[name]["against"] == "judge" else "labels"
+        ax.set_title(f"{name}: {evals[name]['n_pairs']} pairs, vs {target}", fontsize=9)
+        ax.set_xlabel("timestep t")
+        ax.set_ylabel("pairwise accuracy (%)")
+        ax.legend(fontsize=7)
+    ax = axes.flat[len(summary)]
+    rows = summary["renders_2000_labels"]
+    ts = [int(t) for t in rows]
+    ax.plot(ts, [rows[t]["log_loss_aware"] for t in rows], "o-", label="step-aware")
+    ax.plot(ts, [rows[t]["log_loss_untimed"] for t in rows], "s--", label="time-unconditioned")
+    ax.axhline(math.log(2), color="gray", lw=0.8, ls="--")
+    ax.set_title("held-out log loss vs labels (renders_2000_labels)", fontsize=9)
+    ax.set_xlabel("timestep t")
+    ax.set_ylabel("nats (dashed: ln 2)")
+    ax.legend(fontsize=7)
+    ax = axes.flat[len(summary) + 1]
+    steps = [int(s) for s in sib]
+    for key, style in (("aware", "o-"), ("untimed", "s--"), ("judge", "k:")):
+        ax.plot(steps, [100 * sib[s][key] for s in sib], style, label=key if key != "judge" else "the judge (oracle)")
+    ax.axhline(50, color="gray", lw=0.8, ls="--")
+    ax.set_title("SPO's task: best of 4 siblings ends prettier than the worst", fontsize=9)
+    ax.set_xlabel("sampling step (of 20)")
+    ax.set_ylabel("agreement (%)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------------------- judge-cost
@@ -569,6 +734,13 @@ def main(argv: list[str]) -> None:
                    help="SPM folders or module:function; 'shipped-spm' = the family's toy SPM (default: it and the judge)")
     c.add_argument("--tag", default="", help="suffix of the result file")
     c.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("spm-time")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--data", default="outputs/toy_world", help="folder for the pairs (made when missing)")
+    p.add_argument("--clip", default="outputs/toy_clip", help="the toy CLIP both arms start from (made when missing)")
+    p.add_argument("--work", default="outputs/bench-spm-time", help="folder for the trained SPMs")
+    p.add_argument("--shipped", default="src/spo/assets/toy_spm/sd15", help="evaluated alongside")
+    p.add_argument("--n-siblings", type=int, default=128, help="held-out prompts for the sibling check")
     m = sub.add_parser("merge-sdxl")
     m.add_argument("--size", choices=["full", "toy"], default="full", help="full-size SDXL layout, or the toy's (a quick check)")
     m.add_argument("--rank", type=int, default=64)
@@ -578,11 +750,13 @@ def main(argv: list[str]) -> None:
     if args.name == "quality" and (args.preference or args.spo_args) and not args.tag:
         parser.error("--preference and --spo-args need --tag, so that a variant's results do not overwrite the preset's")
     fn = {"spo-iteration": spo_iteration, "judge-cost": judge_cost, "train-default": train_default,
-          "merge-sdxl": merge_sdxl, "quality": quality, "selection": selection}[args.name]
+          "merge-sdxl": merge_sdxl, "quality": quality, "selection": selection, "spm-time": spm_time}[args.name]
     if args.name == "quality":
         name = quality_name(args)
     elif args.name == "selection":
         name = f"selection-{args.family}" + (f"-{args.tag}" if args.tag else "")
+    elif args.name == "spm-time":
+        name = "spm-time-sd15"
     else:
         name = args.name + (f"-{args.family}" if hasattr(args, "family") else "-toy" if getattr(args, "size", "full") == "toy" else "")
     save(name, fn(args), [str(Path(__file__).relative_to(Path.cwd())) if Path.cwd() in Path(__file__).parents else __file__, *argv])
