@@ -78,7 +78,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="clean-image scorer the finished candidates are judged by: a CLIP folder (e.g. PickScore_v1), "
                         "an SPM folder (scored at t = 0) or package.module:function; toy default: the toy judge's "
                         "aesthetic (spo.toy.judge:aesthetic_preference)")
-    g.add_argument("--base", default=None, help="base model: toy:sd15 (default), toy:sdxl, or a diffusers folder")
+    g.add_argument("--base", default=None,
+                   help="base model: toy:sd15 (default), toy:sdxl, a diffusers folder or a single-file .safetensors")
+    g.add_argument("--cpu", action="store_true", help="run on CPU even when a GPU is present")
     g.add_argument("--prompts", default=None, metavar="FILE",
                    help="prompts (JSON list, text, CSV/parquet); toy default: held-out toy captions")
     g.add_argument("--prompt-column", default=None)
@@ -210,16 +212,20 @@ def _siblings(args) -> int:
     if not prompts:
         raise SpoInputError(f"{args.prompts}: no prompts")
     check_output_dir(args.out)
+    import torch
+
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     pipe = load_pipeline(base)
     freeze(pipe)
+    pipe.to(device)
     family = family_of(pipe)
 
     scorers = {}
     for spec in args.preference:
-        scorer = load_scorer(spec, family=family)
+        scorer = load_scorer(spec, family=family, device=device)
         scorers[model_name(spec, scorer) if find_spm_dir(spec) else spec] = scorer
     reference = args.reference or "spo.toy.judge:aesthetic_preference"
-    references = {reference: load_scorer(reference)}
+    references = {reference: load_scorer(reference, device=device)}
     if toy:  # the toy judge can also say what the pick costs in alignment
         references.setdefault("spo.toy.judge:alignment_preference", load_scorer("spo.toy.judge:alignment_preference"))
     result = sibling_agreement(pipe, scorers, references, prompts, k=args.k, steps=args.at_steps,

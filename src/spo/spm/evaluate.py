@@ -47,8 +47,8 @@ def pairwise_log_loss(s0: np.ndarray, s1: np.ndarray, preferred: np.ndarray) -> 
 def paired_difference(correct_a: np.ndarray, correct_b: np.ndarray) -> tuple[float, float]:
     """Accuracy of b minus accuracy of a on the same pairs, with a 95 % normal-approximation CI.
 
-    Pairing removes the pair-to-pair variance both scorers share, so this interval is much narrower than
-    the two accuracies' own intervals suggest.
+    Pairing removes the variance both scorers share (how hard each pair is), so this interval is narrower than
+    one combined from the two accuracies' own intervals, and it is the one that answers "is b better than a".
     """
     d = np.asarray(correct_b, dtype=np.float64) - np.asarray(correct_a, dtype=np.float64)
     if len(d) < 2:

@@ -63,8 +63,8 @@ def sibling_agreement(pipe, scorers: Mapping[str, Scorer], references: Mapping[s
     from spo.spm.scoring import score_images
 
     steps = sorted(set(int(s) for s in steps))
-    timesteps, a_t, a_prev = schedule(pipe.scheduler, num_steps)
     device = pipe.unet.device
+    timesteps, a_t, a_prev = schedule(pipe.scheduler, num_steps, device=device)
     shape = (pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
     n = len(prompts)
     scores = {name: np.zeros((len(steps), n, k)) for name in scorers}
