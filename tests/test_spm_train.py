@@ -106,6 +106,19 @@ def test_relabel_with_a_saved_spm(pairs_file, tmp_path):
     assert result["relabel"]["ties"] == 16
 
 
+def test_relabel_with_a_plain_clip_folder(pairs_file, tmp_path):
+    # the SDXL recipe relabels by clean-image PickScore: a transformers CLIP folder is taken as it is
+    from transformers import CLIPModel
+
+    from spo.spm.model import toy_config
+
+    torch.manual_seed(0)
+    CLIPModel(toy_config()).save_pretrained(tmp_path / "pickscore")
+    result = train(_cfg(pairs_file, tmp_path / "rl", steps=1, checkpoint_every=0, relabel_with=str(tmp_path / "pickscore"),
+                        relabel_threshold=0.0))
+    assert result["relabel"]["ties"] == 0  # threshold 0: every pair with unequal scores gets a winner
+
+
 def test_cli_train_sdxl_time_unconditioned_and_eval(pairs_file, tmp_path):
     out = tmp_path / "xl"
     r = spo("spm", "train", str(pairs_file), "--out", str(out), "--base", "toy:sdxl", "--steps", "1",
