@@ -333,7 +333,9 @@ def _arm_summary(ev: dict, seeds: list[int]) -> dict:
             sign = 1.0 if d["b"] == a else -1.0  # b_minus_a is stored; we want aware minus untimed
             diffs.append(sign * d["b_minus_a"][t])
             cis.append(d["ci95"][t])
-        mean = lambda key, arm: sum(by_name[_arm_name(s, arm)][key][t] for s in seeds) / len(seeds)  # noqa: E731
+        def mean(key: str, arm: str) -> float:
+            return sum(by_name[_arm_name(s, arm)][key][t] for s in seeds) / len(seeds)
+
         out[t] = {"aware": mean("accuracy", "aware"), "untimed": mean("accuracy", "untimed"),
                   "aware_minus_untimed": sum(diffs) / len(diffs), "per_seed": diffs, "ci95_at_most": sum(cis) / len(cis),
                   "log_loss_aware": mean("log_loss", "aware"), "log_loss_untimed": mean("log_loss", "untimed")}
@@ -343,7 +345,9 @@ def _arm_summary(ev: dict, seeds: list[int]) -> dict:
 def _sibling_summary(result: dict, seeds: list[int]) -> dict:
     out = {}
     for row in result["rows"]:
-        get = lambda arm: [row["scorers"][_arm_name(s, arm)]["agreement"] for s in seeds]  # noqa: E731
+        def get(arm: str) -> list[float]:
+            return [row["scorers"][_arm_name(s, arm)]["agreement"] for s in seeds]
+
         out[str(row["step"])] = {"t_judged": row["t_judged"], "aware": sum(get("aware")) / len(seeds),
                                  "untimed": sum(get("untimed")) / len(seeds), "aware_per_seed": get("aware"),
                                  "untimed_per_seed": get("untimed"),
