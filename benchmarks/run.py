@@ -319,7 +319,9 @@ def spm_time(args) -> dict:
 
 
 def _arm_name(seed: int, arm: str) -> str:
-    return f"spm_{arm}_s{seed} ({'step-aware' if arm == 'aware' else 'time-unconditioned'})"
+    from spo.spm.evaluate import display_name
+
+    return display_name(f"spm_{arm}_s{seed}", arm == "aware")
 
 
 def _arm_summary(ev: dict, seeds: list[int]) -> dict:
@@ -333,6 +335,7 @@ def _arm_summary(ev: dict, seeds: list[int]) -> dict:
             sign = 1.0 if d["b"] == a else -1.0  # b_minus_a is stored; we want aware minus untimed
             diffs.append(sign * d["b_minus_a"][t])
             cis.append(d["ci95"][t])
+
         def mean(key: str, arm: str) -> float:
             return sum(by_name[_arm_name(s, arm)][key][t] for s in seeds) / len(seeds)
 
@@ -345,12 +348,10 @@ def _arm_summary(ev: dict, seeds: list[int]) -> dict:
 def _sibling_summary(result: dict, seeds: list[int]) -> dict:
     out = {}
     for row in result["rows"]:
-        def get(arm: str) -> list[float]:
-            return [row["scorers"][_arm_name(s, arm)]["agreement"] for s in seeds]
-
-        out[str(row["step"])] = {"t_judged": row["t_judged"], "aware": sum(get("aware")) / len(seeds),
-                                 "untimed": sum(get("untimed")) / len(seeds), "aware_per_seed": get("aware"),
-                                 "untimed_per_seed": get("untimed"),
+        aware, untimed = ([row["scorers"][_arm_name(s, arm)]["agreement"] for s in seeds] for arm in ("aware", "untimed"))
+        out[str(row["step"])] = {"t_judged": row["t_judged"], "aware": sum(aware) / len(seeds),
+                                 "untimed": sum(untimed) / len(seeds), "aware_per_seed": aware,
+                                 "untimed_per_seed": untimed,
                                  "judge": row["scorers"]["spo.toy.judge:preference"]["agreement"],
                                  "n": row["scorers"][_arm_name(seeds[0], "aware")]["n"]}
     return out
@@ -369,7 +370,7 @@ def _plot_spm_time(path: Path, summary: dict, sib: dict, evals: dict) -> None:
         ts = [int(t) for t in rows]
         for arm, style in (("aware", "o-"), ("untimed", "s--")):
             ax.plot(ts, [100 * rows[t][arm] for t in rows], style, label=f"{'step-aware' if arm == 'aware' else 'time-unconditioned'} (mean of seeds)")
-        ax.errorbar(ts, [100 * (rows[t]["untimed"] + rows[t]["aware_minus_untimed"]) for t in rows],
+        ax.errorbar(ts, [100 * rows[t]["aware"] for t in rows],
                     yerr=[100 * rows[t]["ci95_at_most"] for t in rows], fmt="none", ecolor="C0", capsize=3, alpha=0.6)
         ax.axhline(50, color="gray", lw=0.8, ls="--")
         target = "judge aesthetic" if evals[name]["against"] == "judge" else "labels"

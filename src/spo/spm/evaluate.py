@@ -19,9 +19,14 @@ from spo.errors import SpoInputError
 DEFAULT_TIMESTEPS = (0, 251, 501, 701, 951)
 
 
+def preferred_margin(s0: np.ndarray, s1: np.ndarray, preferred: np.ndarray) -> np.ndarray:
+    """Per pair: the preferred image's score minus the other's."""
+    return np.where(preferred == 0, s0 - s1, s1 - s0)
+
+
 def pair_correct(s0: np.ndarray, s1: np.ndarray, preferred: np.ndarray) -> np.ndarray:
     """Per pair: 1 where the preferred image scores higher, 0 where lower, 0.5 for equal scores."""
-    diff = np.where(preferred == 0, s0 - s1, s1 - s0)
+    diff = preferred_margin(s0, s1, preferred)
     return np.where(diff > 0, 1.0, np.where(diff == 0, 0.5, 0.0))
 
 
@@ -40,7 +45,7 @@ def pairwise_log_loss(s0: np.ndarray, s1: np.ndarray, preferred: np.ndarray) -> 
     """
     if len(s0) == 0:
         return float("nan")
-    margin = np.where(preferred == 0, s0 - s1, s1 - s0).astype(np.float64)
+    margin = preferred_margin(s0, s1, preferred).astype(np.float64)
     return float(np.mean(np.logaddexp(0.0, -margin)))
 
 
@@ -214,9 +219,14 @@ def _as_scores(second_wins) -> tuple[np.ndarray, np.ndarray]:
 
 
 def model_name(path, spm) -> str:
+    return display_name(path, spm.time_conditioning)
+
+
+def display_name(path, time_conditioning: bool) -> str:
+    """How results name an SPM: its folder (the training output folder for `.../spm`) and its kind."""
     p = Path(path)
     name = p.parent.name if p.name == "spm" else p.name
-    return f"{name} ({'step-aware' if spm.time_conditioning else 'time-unconditioned'})"
+    return f"{name} ({'step-aware' if time_conditioning else 'time-unconditioned'})"
 
 
 def format_table(result: dict) -> str:
