@@ -1,0 +1,77 @@
+"""Model sources: a name that stands for a whole world, not a file (today: `toy:sd15`, `toy:sdxl`).
+
+A source brings what a user's checkpoint cannot: its pipeline, its own training and held-out prompts, a default
+preference model, a clean-image reference scorer, preference pairs made from the model, and a before/after
+evaluation. The trainers, `spo generate`, `spo spm ...` and the rest ask this registry; nothing outside it and
+the plugin's own package knows that the toy world exists. A plugin is a module with a `SOURCES` list of
+ModelSource; the built-in one is the embedded toy world (spo.toy.source).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from spo.errors import SpoInputError
+
+# Modules holding built-in sources, imported the first time a name is looked up.
+PLUGINS: tuple[str, ...] = ("spo.toy.source",)
+DEFAULT_SOURCE = "toy:sd15"  # what a command uses when no model is given
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    name: str  # "toy:sd15"
+    family: str  # "sd15" | "sdxl"
+    load_pipeline: Callable[[], Any]
+    training_prompts: Callable[[int], list[str]]  # seed -> the training prompts, in the source's order for that seed
+    heldout_prompts: Callable[[int, int], list[str]]  # (n, seed) -> held-out prompts
+    preference: str = ""  # default preference model (an SPM folder or module:function)
+    reference: str = ""  # default clean-image reference scorer (module:function or a folder)
+    references: tuple[str, ...] = ()  # further references reported beside it
+    make_pairs: Callable[..., list[dict]] | None = None  # (pipe, n, seed) -> Pick-a-Pic-schema rows
+    evaluate: Callable[..., dict] | None = None  # (lora, n, seed, out) -> {"text": ..., ...}
+    spm_init: Callable[..., Any] | None = None  # (time_conditioning) -> a fresh SPM for `spo spm train --init <name>`
+    report_pairs: int = 0  # before/after pairs the HTML report shows by default
+    extras: dict = field(default_factory=dict)
+
+
+_REGISTRY: dict[str, ModelSource] = {}
+_loaded = False
+
+
+def register(source: ModelSource) -> None:
+    _REGISTRY[source.name] = source
+
+
+def _load_plugins() -> None:
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        for module in PLUGINS:
+            for source in importlib.import_module(module).SOURCES:
+                register(source)
+
+
+def names() -> list[str]:
+    _load_plugins()
+    return sorted(_REGISTRY)
+
+
+def looks_like_source(name) -> bool:
+    """True for a `scheme:name` string that is not a path (a Windows drive letter is one character)."""
+    text = str(name) if name is not None else ""
+    scheme, sep, rest = text.partition(":")
+    return bool(sep) and len(scheme) > 1 and "/" not in scheme and "\\" not in scheme and not rest.startswith(("/", "\\"))
+
+
+def get(name) -> ModelSource | None:
+    """The source named `name`, None for a path; an unknown `scheme:name` is refused with the known names."""
+    if name is None or not looks_like_source(name):
+        return None
+    _load_plugins()
+    if str(name) not in _REGISTRY:
+        raise SpoInputError(f"unknown model {name!r} (built in: {', '.join(sorted(_REGISTRY))}; "
+                            "or give a diffusers folder or a single-file checkpoint)")
+    return _REGISTRY[str(name)]
