@@ -34,6 +34,7 @@ class ModelSource:
     evaluate: Callable[..., dict] | None = None  # (lora, n, seed, out) -> {"text": ..., ...}
     spm_init: Callable[..., Any] | None = None  # (time_conditioning) -> a fresh SPM for `spo spm train --init <name>`
     report_pairs: int = 0  # before/after pairs the HTML report shows by default
+    prompt_warning: Callable[[str], str | None] | None = None  # prompt -> why the model cannot read it, or None
     extras: dict = field(default_factory=dict)
 
 

@@ -40,6 +40,15 @@ def _evaluate(name: str, lora, n: int, seed: int, out=None) -> dict:
     return before_after(name, lora, n=n, seed=seed, out=out)
 
 
+def _prompt_warning(prompt: str) -> str | None:
+    from spo.toy.world import parse_caption
+
+    if parse_caption(prompt) is not None:
+        return None
+    return (f"{prompt!r} is outside the toy grammar, so the toy model cannot read it (expect noise); toy captions look "
+            "like 'a large red circle on a white background, in the center'")
+
+
 def _spm_init(time_conditioning: bool = True):
     from spo.spm.model import StepAwarePreferenceModel
 
@@ -54,7 +63,8 @@ def _source(family: str) -> ModelSource:
                        training_prompts=_training_prompts, heldout_prompts=_heldout_prompts,
                        preference=str(TOY_SPM_DIR / family), reference="spo.toy.judge:aesthetic_preference",
                        references=("spo.toy.judge:alignment_preference",), make_pairs=_make_pairs,
-                       evaluate=partial(_evaluate, name), spm_init=_spm_init, report_pairs=8)
+                       evaluate=partial(_evaluate, name), spm_init=_spm_init, report_pairs=8,
+                       prompt_warning=_prompt_warning)
 
 
 SOURCES = [_source("sd15"), _source("sdxl")]
