@@ -25,7 +25,7 @@ from pathlib import Path
 TIME_KEYS = {"seconds", "time", "elapsed", "wall_s", "started", "finished", "steps_per_second"}
 
 
-def _spo(*args: str, cwd: Path) -> float:
+def _run_spo(*args: str, cwd: Path) -> float:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONHASHSEED="0")
     started = time.time()
     proc = subprocess.run([sys.executable, "-m", "spo", *args], cwd=cwd, env=env, capture_output=True, text=True)
@@ -74,22 +74,31 @@ def hash_tree(root: Path) -> dict[str, object]:
 
 
 def record(target: Path, work: Path) -> None:
+    """Run the commands in `work` (a command whose output is already there is not run again) and hash the outputs."""
     work.mkdir(parents=True, exist_ok=True)
     seconds = {}
+
+    def _spo(*args: str, cwd: Path, output: str) -> float:
+        return 0.0 if (cwd / output).exists() else _run_spo(*args, cwd=cwd)
+
     seconds["train"] = _spo("train", "--no-evaluate", "--no-report", "--report-to", "none", "--output-dir", "train",
-                            cwd=work)
+                            cwd=work, output="train/history.json")
     seconds["dpo"] = _spo("dpo", "--no-evaluate", "--no-report", "--report-to", "none", "--epochs", "1",
-                          "--max-pairs", "48", "--output-dir", "dpo", cwd=work)
-    seconds["toy pairs"] = _spo("toy", "pairs", "--source", "render", "-n", "48", "--out", "pairs.parquet", cwd=work)
+                          "--max-pairs", "48", "--output-dir", "dpo", cwd=work, output="dpo/history.json")
+    seconds["toy pairs"] = _spo("toy", "pairs", "--source", "render", "-n", "48", "--out", "pairs.parquet", cwd=work,
+                              output="pairs.parquet")
     seconds["spm train"] = _spo("spm", "train", "pairs.parquet", "--out", "spm", "--steps", "6", "--batch-size", "4",
-                                "--warmup", "2", "--checkpoint-every", "3", "--no-progress", cwd=work)
+                                "--warmup", "2", "--checkpoint-every", "3", "--no-progress", cwd=work,
+                                output="spm/spm")
     lora = next((work / "train").glob("spo_*.safetensors"))
-    (work / "recipe.toml").write_text(f'base = "toy:sd15"\noutput = "merged.safetensors"\n\n'
+    toy_sd15 = Path(__import__("spo").__file__).parent / "assets" / "toy_models" / "sd15"  # a diffusers folder
+    (work / "recipe.toml").write_text(f'base = "{toy_sd15}"\noutput = "merged.safetensors"\n\n'
                                       f'[[lora]]\npath = "train/{lora.name}"\nstrength = 0.75\n')
-    seconds["merge"] = _spo("merge", "recipe.toml", "--out", "merged.safetensors", cwd=work)
+    seconds["merge"] = _spo("merge", "recipe.toml", "--out", "merged.safetensors", cwd=work,
+                            output="merged.safetensors")
     seconds["generate"] = _spo("generate", "--lora", f"train/{lora.name}:1.0", "--prompt", "a red circle",
                                "--prompt", "a blue square on a green background", "--seed", "7", "--out", "generate",
-                               cwd=work)
+                               cwd=work, output="generate")
     manifest = {"outputs": {}, "seconds": {k: round(v, 1) for k, v in seconds.items()}}
     for name in ("train", "dpo", "spm", "generate"):
         manifest["outputs"][name] = hash_tree(work / name)

@@ -117,7 +117,7 @@ def test_toy_build_trains_and_writes_loadable_pipelines(tmp_path):
 
 
 def test_toy_clip_pretrains_a_clip_an_spm_can_start_from(tmp_path):
-    from spo.spm.train import build_spm
+    from spo.train.spm_recipe import build_spm
 
     r = spo("toy", "clip", "--out", str(tmp_path / "clip"), "--images", "64", "--steps", "3", "--batch", "16")
     assert r.returncode == 0, r.stderr

@@ -21,7 +21,8 @@ from spo.models.loading import load_pipeline
 from spo.train import dpo_recipe
 from spo.train.config import DPOConfig, build_config, to_dict
 from spo.train.dpo_recipe import load_pairs, pair_losses, prepare_batch, train_dpo
-from spo.train.spo_recipe import _generators, add_lora, reference_model
+from spo.train.finetune import add_lora, reference_model
+from spo.train.finetune import item_generators as _generators
 
 torch.set_flush_denormal(True)
 
@@ -139,7 +140,7 @@ def test_training_moves_the_lora_and_resumes_mid_epoch_exactly(tmp_path, monkeyp
 
     # Interrupt the second run in epoch 2 after its first batch, then resume: same LoRA, bit for bit.
     calls = {"n": 0}
-    real = dpo_recipe.accumulate_gradients
+    real = dpo_recipe.DPOMethod.train_batch
 
     def interrupt_after_five(*args, **kwargs):
         calls["n"] += 1
@@ -147,11 +148,11 @@ def test_training_moves_the_lora_and_resumes_mid_epoch_exactly(tmp_path, monkeyp
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(dpo_recipe, "accumulate_gradients", interrupt_after_five)
+    monkeypatch.setattr(dpo_recipe.DPOMethod, "train_batch", interrupt_after_five)
     cfg_b = dict(TINY, data=[data], epochs=2, checkpoint_every_batches=1, output_dir=str(tmp_path / "b"))
     with pytest.raises(KeyboardInterrupt):
         train_dpo(build_config("dpo-toy-sd15", overrides=cfg_b, cls=DPOConfig), log=lambda *_: None)
-    monkeypatch.setattr(dpo_recipe, "accumulate_gradients", real)
+    monkeypatch.setattr(dpo_recipe.DPOMethod, "train_batch", real)
     with pytest.raises(SpoInputError, match="--resume"):
         train_dpo(build_config("dpo-toy-sd15", overrides=cfg_b, cls=DPOConfig), log=lambda *_: None)
     messages = []

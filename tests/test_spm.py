@@ -17,7 +17,9 @@ from spo.spm.model import (
     timestep_frequencies,
     toy_config,
 )
-from spo.spm.train import preference_loss, stream_indices, threshold_labels, warmup_factor
+from spo.losses import preference_loss
+from spo.train.engine import learning_rate_factor as warmup_factor
+from spo.train.spm_recipe import stream_indices, threshold_labels
 
 PROMPTS = ["a red circle on a white background", "a small blue square at the top left", "a green triangle"]
 

@@ -12,7 +12,9 @@ from safetensors.torch import load_file
 
 from spo.data.pickapic import write_pairs
 from spo.spm.model import StepAwarePreferenceModel
-from spo.spm.train import TrainConfig, latest_checkpoint, train
+from spo.train.checkpoint import complete_checkpoints
+from spo.train.config import SPMConfig, build_config
+from spo.train.spm_recipe import train
 
 
 def spo(*args):
@@ -48,10 +50,16 @@ def pairs_file(tmp_path_factory):
 
 
 def _cfg(pairs_file, out, **kw):
-    base = dict(data=[str(pairs_file)], out=str(out), steps=4, batch_size=2, lr=1e-3, warmup=2, seed=5,
-                checkpoint_every=2, cpu=True, progress=False, max_t=1000)
-    base.update(kw)
-    return TrainConfig(**base)
+    base = dict(data=[str(pairs_file)], output_dir=str(out), max_train_steps=4, train_batch_size=2, learning_rate=1e-3,
+                lr_warmup_steps=2, seed=5, checkpoint_every_steps=2, cpu=True, progress=False, max_t=1000)
+    renamed = {"steps": "max_train_steps", "grad_accum": "gradient_accumulation_steps", "lr": "learning_rate",
+               "checkpoint_every": "checkpoint_every_steps", "batch_size": "train_batch_size"}
+    base.update({renamed.get(k, k): v for k, v in kw.items()})
+    return build_config(None, None, base, SPMConfig)
+
+
+def latest_checkpoint(folder):
+    return complete_checkpoints(folder)[-1]
 
 
 def _weights(out):
@@ -93,7 +101,7 @@ def test_resume_refuses_changed_settings(pairs_file, tmp_path):
     from spo.errors import SpoInputError
 
     train(_cfg(pairs_file, tmp_path / "r", steps=1, checkpoint_every=1))
-    with pytest.raises(SpoInputError, match="settings differ.*lr"):
+    with pytest.raises(SpoInputError, match="settings differ.*learning_rate"):
         train(_cfg(pairs_file, tmp_path / "r", steps=2, lr=2e-3, resume=True))
 
 

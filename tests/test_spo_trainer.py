@@ -13,7 +13,8 @@ from spo.models.family import encode, guided_eps
 from spo.models.loading import load_pipeline
 from spo.sampling.resampler import sample_pairs, schedule
 from spo.train.config import build_config
-from spo.train.spo_recipe import add_lora, make_judge, pair_losses, reference_model, train
+from spo.train.finetune import add_lora, reference_model
+from spo.train.spo_recipe import make_judge, pair_losses, train
 
 torch.set_flush_denormal(True)
 
@@ -160,9 +161,10 @@ def test_config_errors_name_the_key(tmp_path):
 
 
 def test_every_preset_builds_a_valid_config():
-    from spo.train.config import PRESETS
+    from spo.train.config import SPOConfig, preset_names
 
-    for name in PRESETS:
+    assert {"sd15", "sdxl", "toy-sd15", "toy-sdxl", "toy-sd15-long", "toy-sdxl-long"} <= set(preset_names(SPOConfig))
+    for name in preset_names(SPOConfig):
         cfg = build_config(name)
         assert cfg.epochs > 0 and 0 <= cfg.divert_start_step < cfg.num_steps, name
     long = build_config("toy-sdxl-long")

@@ -10,7 +10,8 @@ inside a checkpoint write after one file is on disk but before the folder is ren
 
 Several faults may be given, comma-separated: SPO_FAULT="checkpoint_mid:2,write:5:enospc".
 Points: sampled, optimizer_step, checkpoint_mid, checkpoint_done, lora_save (SPO trainer and checkpoint
-writer), spm_step (SPM trainer), write (every spo.io atomic write), nan_loss, nan_weight (SPO trainer).
+writer), spm_step (SPM trainer), write (every spo.io atomic write), nan_loss, nan_weight (every trainer).
+The training loop reaches them through `training_hook`, one of the engine's hooks (spo.train.engine).
 """
 
 from __future__ import annotations
@@ -46,3 +47,17 @@ def maybe_fail(point: str) -> bool:
     if action == "enospc":
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     return action == "nan"
+
+
+def training_hook(event: str, run, ctx: dict) -> None:
+    """The training engine's events mapped to the fault points above (inert unless SPO_FAULT is set)."""
+    if not os.environ.get("SPO_FAULT"):
+        return
+    if event == "batch_ready":
+        maybe_fail("sampled")  # killed between sampling and the optimizer step
+    elif event == "loss" and maybe_fail("nan_loss"):
+        ctx["stats"]["loss"] = float("nan")
+    elif event == "optimizer_step":
+        if maybe_fail("nan_weight"):
+            run.params[0].data.view(-1)[0] = float("nan")
+        maybe_fail("spm_step" if run.name == "spm" else "optimizer_step")  # killed after a step, before its checkpoint

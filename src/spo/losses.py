@@ -1,4 +1,5 @@
-"""Preference losses as pure functions: SPO's clipped-ratio loss, the step-wise pair selection, Diffusion-DPO."""
+"""Preference losses as pure functions: SPO's clipped-ratio loss, the step-wise pair selection, Diffusion-DPO,
+and the step-aware preference model's own loss."""
 
 from __future__ import annotations
 
@@ -42,3 +43,13 @@ def diffusion_dpo_loss(err_w: torch.Tensor, err_l: torch.Tensor, ref_err_w: torc
     """
     margin = -0.5 * beta * ((err_w - ref_err_w) - (err_l - ref_err_l))
     return -F.logsigmoid(margin)
+
+
+def preference_loss(s0: torch.Tensor, s1: torch.Tensor, label0: torch.Tensor, label1: torch.Tensor,
+                    weight: torch.Tensor) -> torch.Tensor:
+    """The SPM's loss: weighted mean of CE(label, softmax(s0, s1)) - H(label), 0 at the optimum for wins and ties."""
+    logp = torch.log_softmax(torch.stack([s0, s1], dim=-1).float(), dim=-1)
+    labels = torch.stack([label0, label1], dim=-1).float()
+    per_example = -(labels * logp).sum(-1) + torch.special.xlogy(labels, labels).sum(-1)
+    w = weight.float() / weight.float().sum()
+    return (w * per_example).sum()

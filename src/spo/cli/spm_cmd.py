@@ -20,38 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="spm_command", metavar="ACTION", required=True, parser_class=type(parser))
 
     t = sub.add_parser("train", help="train a step-aware preference model on Pick-a-Pic-schema pairs")
-    t.add_argument("data", nargs="+", type=Path, help="parquet files, folders of them, or datasets save_to_disk folders")
-    t.add_argument("--out", type=Path, required=True, help="output folder: spm/ (the model), checkpoints/, logs/")
-    t.add_argument("--base", default=None, help="base model: toy:sd15 (default), toy:sdxl, or a diffusers folder")
-    t.add_argument("--init", default="toy", help="toy (tiny CLIP for the toy world), a transformers CLIP folder "
-                                                 "(e.g. PickScore_v1), or an SPM folder to continue from")
-    t.add_argument("--no-time-conditioning", dest="time_conditioning", action="store_false",
-                   help="train the time-unconditioned variant (same CLIP, t ignored) for comparison")
-    t.add_argument("--steps", type=positive_int, default=200, help="optimizer steps")
-    t.add_argument("--batch-size", type=positive_int, default=8, help="pairs per micro-batch per process")
-    t.add_argument("--grad-accum", type=positive_int, default=1)
-    t.add_argument("--lr", type=finite_float, default=3e-6, help="AdamW learning rate (paper: 3e-6 SD1.5, 1e-6 SDXL)")
-    t.add_argument("--weight-decay", type=finite_float, default=0.3)
-    t.add_argument("--warmup", type=nonneg_int, default=500, help="linear warm-up steps")
-    t.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
-                   help="after warm-up: constant, or cosine decay to 0 at the last step")
-    t.add_argument("--max-grad-norm", type=finite_float, default=1.0, help="gradient clipping (0: off)")
-    t.add_argument("--max-t", type=positive_int, default=1000, help="train on t ~ U[0, max_t)")
-    t.add_argument("--cfg", type=finite_float, default=5.0, help="CFG scale of the base model's x0-hat prediction")
-    t.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
-    t.add_argument("--gradient-checkpointing", action="store_true", help="recompute CLIP activations (saves memory)")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--checkpoint-every", type=nonneg_int, default=500, help="steps between checkpoints (0: none)")
-    t.add_argument("--keep-checkpoints", type=positive_int, default=2)
-    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    t.add_argument("--relabel-with", default=None,
-                   help="relabel pairs by a clean-image scorer: a CLIP folder (PickScore_v1, as the SDXL recipe), an SPM "
-                        "folder at t=0, or package.module:function")
-    t.add_argument("--relabel-threshold", type=finite_float, default=0.1,
-                   help="tie unless the softmax gap of the clean scores exceeds this (SDXL recipe: 0.1)")
-    t.add_argument("--cpu", action="store_true", help="train on CPU even when a GPU is present")
-    t.add_argument("--log-every", type=positive_int, default=10)
-    t.add_argument("--no-progress", dest="progress", action="store_false")
+    _add_train_arguments(t)
 
     e = sub.add_parser("eval", help="pairwise accuracy of one or more SPMs vs timestep, with a plot")
     e.add_argument("spm", nargs="+", type=Path, help="SPM folders (or `spo spm train` output folders)")
@@ -134,24 +103,31 @@ def run(args: argparse.Namespace) -> int:
     raise SpoInputError(f"unknown spm action {args.spm_command!r}")
 
 
-def _train(args) -> int:
-    from spo.spm.train import SPM_DIR, TrainConfig, train
+def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    from spo.train.config import SPMConfig
+    from spo.train.config import add_arguments as add_config_arguments
 
-    if args.out.exists() and not args.out.is_dir():
-        raise SpoInputError(f"{args.out} exists and is not a directory")
-    cfg = TrainConfig(data=[str(p) for p in args.data], out=str(args.out), base=args.base, init=args.init,
-                      time_conditioning=args.time_conditioning, steps=args.steps, batch_size=args.batch_size,
-                      grad_accum=args.grad_accum, lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup,
-                      lr_schedule=args.lr_schedule,
-                      max_grad_norm=args.max_grad_norm, max_t=args.max_t, cfg_scale=args.cfg,
-                      mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
-                      seed=args.seed, checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
-                      resume=args.resume, relabel_with=args.relabel_with, relabel_threshold=args.relabel_threshold,
-                      cpu=args.cpu, log_every=args.log_every, progress=args.progress)
+    parser.add_argument("data", nargs="*", default=None,
+                        help="parquet files, folders of them, or datasets save_to_disk folders")
+    add_config_arguments(parser, SPMConfig, skip=("data",))
+    parser.add_argument("--no-time-conditioning", dest="time_conditioning", action="store_const", const="false",
+                        help=argparse.SUPPRESS)  # the former spelling of --time-conditioning false
+
+
+def _train(args) -> int:
+    from spo.cli.train_cmd import resolved_config
+    from spo.train.config import SPMConfig
+
+    args.data = args.data or None
+    cfg = resolved_config(args, SPMConfig)
+    if cfg is None:
+        return 0
+    from spo.train.spm_recipe import SPM_DIR, train
+
     result = train(cfg)
     loss = result["final_loss_mean_last_10"]  # None when a resumed run had no steps left (killed while saving)
     print(f"trained {result['family']} SPM for {result['steps']} steps on {result['pairs']} pairs "
-          f"(last-10 loss {'n/a' if loss is None else f'{loss:.4f}'}) -> {args.out / SPM_DIR}")
+          f"(last-10 loss {'n/a' if loss is None else f'{loss:.4f}'}) -> {cfg.output_dir}/{SPM_DIR}")
     return 0
 
 

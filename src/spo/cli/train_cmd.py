@@ -1,6 +1,6 @@
 """`spo train`: SPO post-training. With no arguments, the SD1.5-family toy default, end to end on CPU.
 
-`add_run_arguments` and `finish` are shared with `spo dpo`: both recipes end the same way.
+`add_run_arguments`, `print_config_or_none` and `finish` are shared with `spo dpo` and `spo spm train`.
 """
 
 from __future__ import annotations
@@ -19,36 +19,51 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-evaluate", dest="evaluate", action="store_false",
-                        help="skip the before/after judge figures of a toy run")
+                        help="skip the before/after judge figures of a run on a built-in base")
     parser.add_argument("--no-report", dest="report", action="store_false",
                         help="skip the HTML report at the end (`spo report` writes it later)")
     parser.add_argument("--eval-images", type=positive_int, default=256,
-                        help="images per arm for a toy run's judge figures")
+                        help="images per arm for the before/after figures of a run on a built-in base")
+
+
+def resolved_config(args: argparse.Namespace, cls):
+    """The config of the command line; with --print-config, print it as TOML and return None (nothing runs)."""
+    from spo.train.config import from_args, to_toml
+
+    cfg = from_args(args, cls)
+    if args.print_config:
+        print(to_toml(cfg), end="")
+        return None
+    return cfg
 
 
 def finish(result: dict, cfg, args: argparse.Namespace) -> int:
-    """Say where the outputs are; for a toy base, judge before and after on held-out captions; write the HTML report."""
+    """Say where the outputs are; for a built-in base, its before/after figures; write the HTML report."""
+    from spo.sources import get
+
     if "lora" in result:
         print(f"LoRA (diffusers format): {result['lora']}")
         print(f"LoRA (A1111 / ComfyUI):  {result['lora_webui']}")
     else:
         print(f"fine-tuned UNet: {result['unet']}")
     print(f"validation grids (same seeds every epoch): {result['output_dir']}/samples/")
-    if args.evaluate and cfg.base.startswith("toy:") and "lora" in result:
-        from spo.toy.evaluate import before_after
-
-        report = before_after(cfg.base, result["lora"], n=args.eval_images, seed=cfg.seed, out=result["output_dir"])
+    source = get(cfg.base)
+    if args.evaluate and source is not None and source.evaluate is not None and "lora" in result:
+        report = source.evaluate(result["lora"], n=args.eval_images, seed=cfg.seed, out=result["output_dir"])
         print(report["text"])
     if args.report and "lora" in result:
         from spo.show.report import build_report
 
-        print(f"report: {build_report(result['output_dir'], pairs=8 if cfg.base.startswith('toy:') else 0)}")
+        print(f"report: {build_report(result['output_dir'], pairs=source.report_pairs if source else 0)}")
     return 0
 
 
 def run(args: argparse.Namespace) -> int:
-    from spo.train.config import from_args
+    from spo.train.config import SPOConfig
+
+    cfg = resolved_config(args, SPOConfig)
+    if cfg is None:
+        return 0
     from spo.train.spo_recipe import train
 
-    cfg = from_args(args)
     return finish(train(cfg), cfg, args)

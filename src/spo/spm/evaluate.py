@@ -99,7 +99,8 @@ def evaluate(spm_paths: Sequence[str | Path], data: Sequence[str | Path], *, bas
     from spo.models.loading import load_pipeline
     from spo.spm.denoise import base_resolution, freeze, predicted_pair_images
     from spo.spm.scoring import load_spm
-    from spo.spm.train import NUM_TRAIN_TIMESTEPS, pair_tensors
+    from spo.data.images import pair_tensors
+    from spo.train.config import NUM_TRAIN_TIMESTEPS
 
     if not spm_paths:
         raise SpoInputError("give at least one SPM folder to evaluate")

@@ -106,6 +106,14 @@ def load_state(folder: Path, model: torch.nn.Module, optimizer, scheduler) -> di
     return meta["progress"]
 
 
+def read_progress(folder: Path) -> dict:
+    """The progress dict a checkpoint was saved with (position, config fingerprint, history)."""
+    try:
+        return json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))["progress"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise SpoInputError(f"{folder}: unreadable checkpoint ({exc})") from None
+
+
 def complete_checkpoints(folder: Path) -> list[Path]:
     """Finished checkpoints, oldest first (a torn one has no state.json, as atomic_dir never leaves one)."""
     return sorted(p for p in Path(folder).glob("checkpoint-*") if (p / STATE_FILE).is_file())

@@ -1,160 +1,188 @@
-"""Training configuration: one dataclass, TOML files, presets, command-line overrides.
+"""Training configuration for the three methods (SPO, Diffusion-DPO, the SPM trainer): one system.
 
-Precedence: preset < TOML file < command-line flags. Every field is a flag (`--lora-rank 8`), and
-every bad key or value is a one-line error that names it.
+Dataclasses with one shared validator, rather than pydantic: the settings are a flat table of scalars and
+string lists, stdlib dataclasses carry the per-field help text in `metadata`, and the project gains no
+dependency. Precedence: preset < TOML file (`--config`) < command-line flags. Presets are TOML files in
+spo/assets/configs/presets/ (one per name, one [spo] / [dpo] / [spm] table). Every field is a flag named after
+it (`lora_rank` -> `--lora-rank`; `output_dir` -> `--out`, as in every other command); every bad key or value is
+a one-line error that names it. `to_toml` prints a resolved config that `--config` reads back unchanged.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import math
+import sys
 import tomllib
 import typing
 from dataclasses import dataclass, field
-from typing import ClassVar
 from pathlib import Path
+from typing import ClassVar
 
 from spo.errors import SpoInputError
+from spo.sources import DEFAULT_SOURCE
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
+NUM_TRAIN_TIMESTEPS = 1000  # the schedulers of SD1.5 and SDXL
+LR_SCHEDULES = ("constant", "cosine")
+PRESET_DIR = Path(__file__).resolve().parent.parent / "assets" / "configs" / "presets"
+
+
+def opt(default, help: str, **kwargs):  # noqa: A002 - the argparse word
+    """A field with its help text (shown by --help with the default preset's value)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **kwargs})
+    return field(default=default, metadata={"help": help, **kwargs})
 
 
 @dataclass
-class SPOConfig:
-    # what to train
-    base: str = "toy:sd15"  # "toy:sd15", "toy:sdxl", a diffusers folder or a single-file checkpoint
-    preference: str = ""  # an SPM folder, a CLIP folder (clean-image scorer), "module:function"; "" = the toy SPM
-    prompts: str = ""  # JSON list, text file, CSV/parquet (see prompt_column); "" = toy training captions
-    prompt_column: str = "caption"
-    max_prompts: int = 0  # 0 = all
-    output_dir: str = "outputs/spo"
-    seed: int = 0
-    # sampling (the paper's: DDIM eta = 1, 20 steps, CFG 5)
-    num_steps: int = 20
-    cfg_scale: float = 5.0
-    eta: float = 1.0
-    k: int = 4  # candidates per step
-    divert_start_step: int = 4  # the first steps are plain sampling, not trained on
-    threshold: float = 0.3  # keep a pair iff softmax(best, worst) gap > threshold
-    num_inner_steps: int = 0  # SDXL recipe: 3
-    sample_batch_size: int = 10  # prompts per sampling batch, per process
-    # loss
-    beta: float = 10.0
-    clip_eps: float = 0.1
-    # model
-    lora_rank: int = 4
-    lora_alpha: float = 4.0
-    lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
-    init_lora: str = ""  # continue from a LoRA (diffusers or webui format)
-    full_finetune: bool = False
-    # optimisation
-    learning_rate: float = 6e-5
-    weight_decay: float = 1e-4
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    max_grad_norm: float = 1.0
-    lr_warmup_steps: int = 0
-    gradient_accumulation_steps: int = 1  # sampling batches per optimizer step
-    train_micro_batch: int = 8  # pairs per forward pass (memory), results do not depend on it
-    epochs: int = 10
-    mixed_precision: str = "no"
-    gradient_checkpointing: bool = False
-    use_8bit_adam: bool = False
-    # outputs
-    validation_images: int = 16
-    save_every_epochs: int = 1
-    checkpoint_every_batches: int = 0  # also checkpoint inside an epoch (0 = at epoch ends only)
-    keep_checkpoints: int = 2
-    report_to: str = "tensorboard"  # tensorboard, wandb, none
-    resume: bool = False
+class RunConfig:
+    """What every training method shares: where, seed, optimiser, precision, checkpoints, logging."""
 
+    SECTION: ClassVar[str] = ""
+    # Settings that may change between a run and its --resume (they do not change the trajectory).
+    RESUMABLE: ClassVar[tuple[str, ...]] = (
+        "output_dir", "resume", "report_to", "progress", "cpu", "keep_checkpoints", "log_every",
+        "checkpoint_every_batches", "checkpoint_every_steps", "save_every_epochs", "validation_images", "epochs",
+        "max_train_steps", "train_micro_batch", "gradient_checkpointing")
 
-PRESETS: dict[str, dict] = {
-    # The paper's recipes (SPEC section 1): 4,000 Pick-a-Pic prompts, 10 epochs.
-    "sd15": dict(k=4, threshold=0.3, num_inner_steps=0, sample_batch_size=10, lora_rank=4, lora_alpha=4.0,
-                 learning_rate=6e-5, mixed_precision="fp16", epochs=10),
-    "sdxl": dict(k=2, threshold=0.4, num_inner_steps=3, sample_batch_size=2, gradient_accumulation_steps=2,
-                 lora_rank=64, lora_alpha=64.0, learning_rate=1e-5, mixed_precision="fp16", epochs=10),
-    # The toy world: a few minutes on 2 CPU cores. The threshold is lower than the paper's because the toy
-    # SPM's scores are on a much flatter scale than PickScore's (measured median best-worst softmax gap
-    # 0.012 at the first trained step, ~0.001 by the last), so 0.3 would keep no pair at all. The SD1.5 toy trains
-    # only the last 10 steps (half the branching cost; training all 20 gained no more, even with the judge as the
-    # preference: `benchmarks/run.py quality ... --tag oracle-divert0`) on more prompts at a lower lr than
-    # before (64 prompts, lr 3e-3, divert 4: +0.04 base std, -1.95 alignment points; now +0.11, -1.2, faster).
-    # The SDXL toy keeps the older values: the same change gave it +0.01 against +0.06.
-    "toy-sd15": dict(base="toy:sd15", k=4, threshold=0.01, sample_batch_size=16, lora_rank=8, lora_alpha=8.0,
-                     learning_rate=1e-3, divert_start_step=10, max_prompts=96, epochs=2, validation_images=16,
-                     output_dir="outputs/spo-toy-sd15"),
-    "toy-sdxl": dict(base="toy:sdxl", k=2, threshold=0.01, num_inner_steps=3, sample_batch_size=16, lora_rank=8,
-                     lora_alpha=8.0, learning_rate=3e-3, max_prompts=64, epochs=2, validation_images=16,
-                     output_dir="outputs/spo-toy-sdxl"),
-}
-# Longer toy runs (issue 4's quality measurements), about 20-35 min per family on one CPU thread: 384 prompts x
-# 4 epochs at lr 5e-4, training only the last 10 of the 20 steps. With the old default's 128 prompt-samples at lr 3e-3
-# (16 optimizer steps of 8 prompts, divert 10), optimizer noise alone (a random scorer) cost ~5 alignment points;
-# the noise's drift grows with lr^2 * steps and the preference signal with lr * steps, so more samples at a
-# lower lr keep the gain and shed the drift. The later divert: on generic pairs the toy SPM agrees with the
-# judge 70-80 % of the time at t <= 401 and 50-60 % at t >= 701 (among one step's siblings it is at chance at
-# every t: `benchmarks/run.py selection`).
-PRESETS.update({f"{name}-long": dict(PRESETS[name], learning_rate=5e-4, divert_start_step=10, max_prompts=384,
-                                     epochs=4, output_dir=f"outputs/spo-{name}-long")
-                for name in ("toy-sd15", "toy-sdxl")})
-DEFAULT_PRESET = "toy-sd15"
+    base: str = opt(DEFAULT_SOURCE, "base model: a built-in name (toy:sd15, toy:sdxl), a diffusers folder or a "
+                                    "single-file checkpoint (.safetensors)")
+    output_dir: str = opt("outputs/run", "output folder (checkpoints, logs, results)")
+    seed: int = opt(0, "seed of every random draw (same seed, same result on CPU)")
+    learning_rate: float = opt(6e-5, "AdamW learning rate")
+    weight_decay: float = opt(1e-4, "AdamW weight decay")
+    adam_beta1: float = opt(0.9, "AdamW beta1")
+    adam_beta2: float = opt(0.999, "AdamW beta2")
+    adam_eps: float = opt(1e-8, "AdamW epsilon")
+    max_grad_norm: float = opt(1.0, "clip the gradient norm to this (0: no clipping)")
+    lr_warmup_steps: int = opt(0, "linear learning-rate warm-up, in optimizer steps")
+    lr_schedule: str = opt("constant", "after warm-up: constant, or cosine decay to 0 at the last step")
+    gradient_accumulation_steps: int = opt(1, "batches per optimizer step")
+    mixed_precision: str = opt("no", "no, fp16 (GPU) or bf16")
+    gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass (saves memory)")
+    use_8bit_adam: bool = opt(False, "bitsandbytes' 8-bit AdamW (saves optimizer memory; needs bitsandbytes)")
+    keep_checkpoints: int = opt(2, "how many of the latest checkpoints to keep")
+    resume: bool = opt(False, "continue from the latest checkpoint in the output folder")
+    report_to: str = opt("tensorboard", "training curves: tensorboard, wandb or none")
+    cpu: bool = opt(False, "train on the CPU even when a GPU is present")
+    progress: bool = opt(True, "show a progress bar")
 
 
 @dataclass
-class DPOConfig(SPOConfig):
-    """Diffusion-DPO (the baseline) on offline Pick-a-Pic-schema pairs.
+class FinetuneConfig(RunConfig):
+    """The UNet being fine-tuned (SPO and Diffusion-DPO): LoRA or full, epochs, per-epoch outputs."""
 
-    Shares SPOConfig's model, optimisation and output fields; SPO's on-line sampling fields (HIDDEN) do
-    not apply, so they are neither flags nor accepted keys.
-    """
-
-    data: list[str] = field(default_factory=list)  # parquet files / folders; [] = toy pairs made for a toy base
-    dpo_beta: float = 5000.0
-    max_pairs: int = 0  # 0 = all non-tie pairs
-    train_batch_size: int = 16  # pairs per process per accumulation step
-    caption_dropout: float = 0.0  # probability of training a pair on the empty caption
-
-    HIDDEN: ClassVar[tuple[str, ...]] = (
-        "preference", "prompts", "prompt_column", "max_prompts", "num_steps", "cfg_scale", "eta", "k",
-        "divert_start_step", "threshold", "num_inner_steps", "sample_batch_size", "beta", "clip_eps")
+    lora_rank: int = opt(4, "LoRA rank")
+    lora_alpha: float = opt(4.0, "LoRA alpha (the update is scaled by alpha / rank)")
+    lora_targets: list[str] = opt(["to_q", "to_k", "to_v", "to_out.0"], "UNet modules that get a LoRA (comma list)")
+    init_lora: str = opt("", "continue from this LoRA (diffusers or webui format) instead of a fresh one")
+    full_finetune: bool = opt(False, "train the whole UNet instead of a LoRA (keeps a frozen copy as reference)")
+    train_micro_batch: int = opt(8, "pairs per forward pass (memory only: results do not depend on it)")
+    epochs: int = opt(10, "passes over the prompts (SPO) or pairs (DPO)")
+    validation_images: int = opt(16, "images in the validation grid written each saved epoch (same seeds)")
+    save_every_epochs: int = opt(1, "write the LoRA and the validation grid every this many epochs")
+    checkpoint_every_batches: int = opt(0, "also checkpoint inside an epoch every this many batches (0: epoch ends)")
 
 
-# Paper values (Wallace et al. 2023, arXiv 2311.12908, sec. 5 "Hyperparameters"): full UNet fine-tuning,
-# effective batch 2048 pairs (16 GPUs x 1 pair x 128 accumulation), beta 2000 (SD1.5) / 5000 (SDXL),
-# lr (2000 / beta) * 2.048e-8 per pair, i.e. the official launchers' `--learning_rate 1e-8 --scale_lr` times
-# the effective batch (SalesforceAIResearch/DiffusionDPO launchers/sd15.sh, sdxl.sh): 2.048e-5 at beta 2000;
-# 25% linear warm-up (500 of 2000 steps), AdamW weight decay 1e-2 (train.py default), fp16, and 20% of
-# captions replaced by "" (train.py `--proportion_empty_prompts` default 0.2, applied to DPO too).
-# Deviations: SDXL used Adafactor (here AdamW); 2000 steps x 2048 pairs ~ 5 epochs of Pick-a-Pic v2.
-DPO_PRESETS: dict[str, dict] = {
-    "dpo-sd15": dict(full_finetune=True, dpo_beta=2000.0, learning_rate=2.048e-5, train_batch_size=16,
-                     gradient_accumulation_steps=128, lr_warmup_steps=500, weight_decay=1e-2, caption_dropout=0.2,
-                     mixed_precision="fp16", epochs=5, output_dir="outputs/dpo-sd15"),
-    "dpo-sdxl": dict(full_finetune=True, dpo_beta=5000.0, learning_rate=8.192e-6,  # (2000/5000) * 2.048e-5
-                     train_batch_size=16, gradient_accumulation_steps=128, lr_warmup_steps=500, weight_decay=1e-2,
-                     caption_dropout=0.2, mixed_precision="fp16", gradient_checkpointing=True, epochs=5,
-                     output_dir="outputs/dpo-sdxl"),
-    # The toy world, LoRA as in the SPO toy presets so the two compare: a few minutes on 2 CPU cores.
-    "dpo-toy-sd15": dict(base="toy:sd15", dpo_beta=5000.0, lora_rank=8, lora_alpha=8.0, learning_rate=3e-4,
-                         train_batch_size=16, epochs=3, validation_images=16, output_dir="outputs/dpo-toy-sd15"),
-    "dpo-toy-sdxl": dict(base="toy:sdxl", dpo_beta=5000.0, lora_rank=8, lora_alpha=8.0, learning_rate=3e-4,
-                         train_batch_size=16, epochs=3, validation_images=16, output_dir="outputs/dpo-toy-sdxl"),
+@dataclass
+class SPOConfig(FinetuneConfig):
+    SECTION: ClassVar[str] = "spo"
+
+    output_dir: str = opt("outputs/spo", "output folder: LoRA, checkpoints, samples, logs, history")
+    preference: str = opt("", "preference model: an SPM folder, a CLIP folder (clean-image scorer) or "
+                              "module:function; default for a built-in base: its shipped SPM")
+    prompts: str = opt("", "training prompts: JSON list, text, CSV or parquet; default for a built-in base: its own")
+    prompt_column: str = opt("caption", "column of a CSV/parquet prompts file")
+    max_prompts: int = opt(0, "use the first this many prompts (0: all)")
+    num_steps: int = opt(20, "DDIM sampling steps (paper: 20)")
+    cfg_scale: float = opt(5.0, "classifier-free guidance scale (paper: 5)")
+    eta: float = opt(1.0, "DDIM eta of the sampling (paper: 1, stochastic)")
+    k: int = opt(4, "candidates per branching step (paper: 4 SD1.5, 2 SDXL)")
+    divert_start_step: int = opt(4, "the first this many steps are plain sampling, not trained on")
+    threshold: float = opt(0.3, "keep a pair iff the softmax gap of best and worst exceeds this")
+    num_inner_steps: int = opt(0, "SDXL recipe: steps each branch continues before judging (paper: 3)")
+    sample_batch_size: int = opt(10, "prompts per sampling batch, per process")
+    beta: float = opt(10.0, "beta of the SPO loss")
+    clip_eps: float = opt(0.1, "ratio clipping band of the SPO loss")
+
+
+@dataclass
+class DPOConfig(FinetuneConfig):
+    """Diffusion-DPO (the baseline) on offline Pick-a-Pic-schema pairs."""
+
+    SECTION: ClassVar[str] = "dpo"
+
+    output_dir: str = opt("outputs/dpo", "output folder: LoRA, checkpoints, samples, logs, history")
+    data: list[str] = opt([], "Pick-a-Pic-schema pairs: parquet files or folders; default for a built-in base: "
+                              "pairs made from its samples")
+    dpo_beta: float = opt(5000.0, "beta of the Diffusion-DPO loss")
+    max_pairs: int = opt(0, "use the first this many non-tie pairs (0: all)")
+    train_batch_size: int = opt(16, "pairs per process per batch")
+    caption_dropout: float = opt(0.0, "probability of training a pair on the empty caption")
+
+
+@dataclass
+class SPMConfig(RunConfig):
+    """The step-aware preference model's trainer (`spo spm train`)."""
+
+    SECTION: ClassVar[str] = "spm"
+
+    output_dir: str = opt("outputs/spm", "output folder: spm/ (the model), checkpoints/, logs/")
+    data: list[str] = opt([], "Pick-a-Pic-schema pairs: parquet files, folders, datasets save_to_disk folders")
+    init: str = opt("", "start from: a transformers CLIP folder (e.g. PickScore_v1) or an SPM folder; default for "
+                        "a built-in base: its tiny fresh CLIP")
+    time_conditioning: bool = opt(True, "modulate the vision layers by the timestep (false: the untimed variant)")
+    max_train_steps: int = opt(200, "optimizer steps")
+    train_batch_size: int = opt(8, "pairs per batch per process")
+    learning_rate: float = opt(3e-6, "AdamW learning rate (paper: 3e-6 SD1.5, 1e-6 SDXL)")
+    weight_decay: float = opt(0.3, "AdamW weight decay (paper: 0.3)")
+    lr_warmup_steps: int = opt(500, "linear learning-rate warm-up, in optimizer steps (paper: 500)")
+    max_t: int = opt(1000, "train on t ~ U[0, max_t)")
+    cfg_scale: float = opt(5.0, "CFG scale of the base model's x0-hat prediction")
+    checkpoint_every_steps: int = opt(500, "optimizer steps between checkpoints (0: none)")
+    relabel_with: str = opt("", "relabel pairs by a clean-image scorer: a CLIP folder (PickScore_v1, as the SDXL "
+                                "recipe), an SPM folder at t = 0, or module:function")
+    relabel_threshold: float = opt(0.1, "tie unless the softmax gap of the clean scores exceeds this (SDXL: 0.1)")
+    log_every: int = opt(10, "optimizer steps between logged training curves")
+
+
+CONFIGS: dict[str, type] = {"spo": SPOConfig, "dpo": DPOConfig, "spm": SPMConfig}
+DEFAULT_PRESETS: dict[type, str | None] = {SPOConfig: "toy-sd15", DPOConfig: "dpo-toy-sd15", SPMConfig: None}
+# Old flag spellings -> field, accepted for one release with a deprecation line (spo spm train's former names).
+DEPRECATED_FLAGS: dict[type, dict[str, str]] = {
+    SPOConfig: {"--output-dir": "output_dir"},
+    DPOConfig: {"--output-dir": "output_dir"},
+    SPMConfig: {"--steps": "max_train_steps", "--batch-size": "train_batch_size", "--lr": "learning_rate",
+                "--grad-accum": "gradient_accumulation_steps", "--warmup": "lr_warmup_steps", "--cfg": "cfg_scale",
+                "--checkpoint-every": "checkpoint_every_steps", "--output-dir": "output_dir"},
 }
-DEFAULT_DPO_PRESET = "dpo-toy-sd15"
-# Which presets and default each config class takes (build_config, add_arguments).
-PRESET_TABLES: dict[type, tuple[dict[str, dict], str]] = {SPOConfig: (PRESETS, DEFAULT_PRESET),
-                                                           DPOConfig: (DPO_PRESETS, DEFAULT_DPO_PRESET)}
 
 
-def _fields(cls: type = SPOConfig) -> dict[str, dataclasses.Field]:
-    hidden = getattr(cls, "HIDDEN", ())
-    return {f.name: f for f in dataclasses.fields(cls) if f.name not in hidden}
+# ---------------------------------------------------------------------------------------------- presets
+def preset_names(cls: type) -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.toml") if _section_of(p) == cls.SECTION)
 
 
-def _coerce(name: str, value, where: str, cls: type = SPOConfig):
+def _section_of(path: Path) -> str:
+    return next(iter(tomllib.loads(path.read_text(encoding="utf-8"))), "")
+
+
+def load_preset(name: str, cls: type) -> dict:
+    names = preset_names(cls)
+    if name not in names:
+        raise SpoInputError(f"unknown preset {name!r} (choose from {', '.join(names)})")
+    return load_toml(PRESET_DIR / f"{name}.toml", cls, where=f"preset {name}")
+
+
+# ---------------------------------------------------------------------------------------------- values
+def fields_of(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _coerce(name: str, value, where: str, cls: type):
     """Check and convert `value` to the field's type; the error names the key and where it came from."""
     hint = typing.get_type_hints(cls)[name]
     try:
@@ -175,7 +203,7 @@ def _coerce(name: str, value, where: str, cls: type = SPOConfig):
             if isinstance(value, bool):
                 raise ValueError
             out = float(value)
-            if out != out or out in (float("inf"), float("-inf")):
+            if not math.isfinite(out):
                 raise ValueError
             return out
         if hint == list[str]:
@@ -187,74 +215,122 @@ def _coerce(name: str, value, where: str, cls: type = SPOConfig):
         if not isinstance(value, str):
             raise ValueError
         return value
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         type_name = getattr(hint, "__name__", str(hint))
         raise SpoInputError(f"{where}: {name} must be {type_name}, got {value!r}") from None
 
 
-def validate(cfg: SPOConfig) -> SPOConfig:
+def _checks(cfg: RunConfig) -> list[tuple[bool, str, str]]:
+    """(ok, key, what) for every range rule of `cfg`'s class."""
+    rules = [
+        (cfg.learning_rate > 0, "learning_rate", "must be positive"),
+        (cfg.weight_decay >= 0, "weight_decay", "must be >= 0"),
+        (cfg.max_grad_norm >= 0, "max_grad_norm", "must be >= 0 (0: no clipping)"),
+        (cfg.lr_warmup_steps >= 0, "lr_warmup_steps", "must be >= 0"),
+        (cfg.lr_schedule in LR_SCHEDULES, "lr_schedule", f"must be one of {', '.join(LR_SCHEDULES)}"),
+        (cfg.gradient_accumulation_steps > 0, "gradient_accumulation_steps", "must be positive"),
+        (cfg.keep_checkpoints > 0, "keep_checkpoints", "must be positive"),
+        (cfg.mixed_precision in MIXED_PRECISION, "mixed_precision", f"must be one of {', '.join(MIXED_PRECISION)}"),
+        (cfg.report_to in ("tensorboard", "wandb", "none"), "report_to", "must be tensorboard, wandb or none"),
+        (bool(cfg.output_dir.strip()), "output_dir", "must not be empty"),
+        (0 <= cfg.seed < 2**32, "seed", "must be in [0, 2**32)"),
+    ]
+    if isinstance(cfg, FinetuneConfig):
+        rules += [(getattr(cfg, k) > 0, k, "must be positive") for k in
+                  ("lora_rank", "train_micro_batch", "epochs", "save_every_epochs")]
+        rules += [(cfg.validation_images >= 0, "validation_images", "must be >= 0"),
+                  (cfg.checkpoint_every_batches >= 0, "checkpoint_every_batches", "must be >= 0"),
+                  (cfg.lora_alpha > 0, "lora_alpha", "must be positive"),
+                  (bool(cfg.lora_targets), "lora_targets", "must name at least one module")]
+    if isinstance(cfg, SPOConfig):
+        rules += [(getattr(cfg, k) > 0, k, "must be positive") for k in ("num_steps", "sample_batch_size")]
+        rules += [(cfg.k >= 2, "k", "must be at least 2 (best and worst of k candidates)"),
+                  (cfg.num_steps <= NUM_TRAIN_TIMESTEPS, "num_steps", "must be at most 1000 (the schedulers' training timesteps)"),
+                  (0 <= cfg.divert_start_step < cfg.num_steps, "divert_start_step",
+                   f"must be in [0, num_steps={cfg.num_steps})"),
+                  (0 <= cfg.num_inner_steps < cfg.num_steps, "num_inner_steps", "must be in [0, num_steps)"),
+                  (0 <= cfg.threshold < 1, "threshold", "must be in [0, 1)"),
+                  (0 < cfg.clip_eps < 1, "clip_eps", "must be in (0, 1)"),
+                  (cfg.beta > 0, "beta", "must be positive"),
+                  (0 < cfg.eta <= 1, "eta", "must be in (0, 1] (the resampler needs stochastic steps)"),
+                  (cfg.max_prompts >= 0, "max_prompts", "must be >= 0")]
+    if isinstance(cfg, DPOConfig):
+        rules += [(cfg.dpo_beta > 0, "dpo_beta", "must be positive"), (cfg.max_pairs >= 0, "max_pairs", "must be >= 0"),
+                  (cfg.train_batch_size > 0, "train_batch_size", "must be positive"),
+                  (0 <= cfg.caption_dropout < 1, "caption_dropout", "must be in [0, 1)")]
+    if isinstance(cfg, SPMConfig):
+        rules += [(getattr(cfg, k) > 0, k, "must be positive") for k in ("max_train_steps", "train_batch_size",
+                                                                          "log_every")]
+        rules += [(1 <= cfg.max_t <= NUM_TRAIN_TIMESTEPS, "max_t", f"must be in [1, {NUM_TRAIN_TIMESTEPS}]"),
+                  (cfg.cfg_scale >= 0, "cfg_scale", "must be >= 0"),
+                  (cfg.checkpoint_every_steps >= 0, "checkpoint_every_steps", "must be >= 0"),
+                  (0 <= cfg.relabel_threshold < 1, "relabel_threshold", "must be in [0, 1)")]
+    return rules
+
+
+def validate(cfg: RunConfig) -> RunConfig:
     """Range checks, each naming the key."""
-    def need(ok: bool, key: str, what: str):
+    for ok, key, what in _checks(cfg):
         if not ok:
             raise SpoInputError(f"config: {key} {what}, got {getattr(cfg, key)!r}")
-
-    for key in ("num_steps", "k", "sample_batch_size", "lora_rank", "gradient_accumulation_steps",
-                "train_micro_batch", "epochs", "validation_images", "save_every_epochs", "keep_checkpoints"):
-        need(getattr(cfg, key) > 0 if key != "validation_images" else getattr(cfg, key) >= 0, key, "must be positive")
-    need(cfg.k >= 2, "k", "must be at least 2 (best and worst of k candidates)")
-    need(cfg.num_steps <= 1000, "num_steps", "must be at most 1000 (the schedulers' training timesteps)")
-    need(0 <= cfg.divert_start_step < cfg.num_steps, "divert_start_step", f"must be in [0, num_steps={cfg.num_steps})")
-    need(0 <= cfg.num_inner_steps < cfg.num_steps, "num_inner_steps", "must be in [0, num_steps)")
-    need(0 <= cfg.threshold < 1, "threshold", "must be in [0, 1)")
-    need(0 < cfg.clip_eps < 1, "clip_eps", "must be in (0, 1)")
-    need(cfg.beta > 0, "beta", "must be positive")
-    need(0 < cfg.eta <= 1, "eta", "must be in (0, 1] (the resampler needs stochastic steps)")
-    need(cfg.learning_rate > 0, "learning_rate", "must be positive")
-    need(cfg.weight_decay >= 0, "weight_decay", "must be >= 0")
-    need(cfg.max_grad_norm > 0, "max_grad_norm", "must be positive")
-    need(cfg.checkpoint_every_batches >= 0, "checkpoint_every_batches", "must be >= 0")
-    need(cfg.lr_warmup_steps >= 0, "lr_warmup_steps", "must be >= 0")
-    need(cfg.max_prompts >= 0, "max_prompts", "must be >= 0")
-    need(cfg.lora_alpha > 0, "lora_alpha", "must be positive")
-    need(bool(cfg.lora_targets), "lora_targets", "must name at least one module")
-    need(cfg.mixed_precision in MIXED_PRECISION, "mixed_precision", f"must be one of {', '.join(MIXED_PRECISION)}")
-    need(cfg.report_to in ("tensorboard", "wandb", "none"), "report_to", "must be tensorboard, wandb or none")
-    need(bool(cfg.output_dir.strip()), "output_dir", "must not be empty")
-    if isinstance(cfg, DPOConfig):
-        need(cfg.dpo_beta > 0, "dpo_beta", "must be positive")
-        need(cfg.max_pairs >= 0, "max_pairs", "must be >= 0")
-        need(cfg.train_batch_size > 0, "train_batch_size", "must be positive")
-        need(0 <= cfg.caption_dropout < 1, "caption_dropout", "must be in [0, 1)")
     return cfg
 
 
-def load_toml(path: str | Path) -> dict:
+# ---------------------------------------------------------------------------------------------- TOML
+def load_toml(path: str | Path, cls: type, where: str | None = None) -> dict:
+    """{key: (value, where)} from a flat table or one [spo] / [dpo] / [spm] / [train] table. /dev/stdin works."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists() or path.is_dir():
         raise SpoInputError(f"{path}: no such config file")
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError) as exc:
         raise SpoInputError(f"{path}: not valid TOML ({exc})") from None
-    # Accept a flat table or one [spo] / [dpo] / [train] section.
-    for section in ("spo", "dpo", "train"):
+    for section in ("spo", "dpo", "spm", "train"):
         if set(data) == {section} and isinstance(data[section], dict):
+            if section in CONFIGS and section != cls.SECTION:
+                raise SpoInputError(f"{path}: a [{section}] config, not a [{cls.SECTION}] one")
             data = data[section]
-    return {k: (v, str(path)) for k, v in data.items()}
+    return {k: (v, where or str(path)) for k, v in data.items()}
 
 
+def _toml_value(value) -> str:
+    # The stdlib reads TOML but cannot write it; a flat table of scalars and string lists needs only this.
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(json.dumps(v) for v in value) + "]"
+    return json.dumps(value)
+
+
+def to_toml(cfg: RunConfig) -> str:
+    """The fully resolved config as TOML; `--config` reads it back to the same config."""
+    lines = [f"[{cfg.SECTION}]"] + [f"{k} = {_toml_value(v)}" for k, v in to_dict(cfg).items()]
+    return "\n".join(lines) + "\n"
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def fingerprint(cfg: RunConfig) -> dict:
+    """The settings that decide the training trajectory: a resumed run must have the same."""
+    return {k: v for k, v in to_dict(cfg).items() if k not in cfg.RESUMABLE}
+
+
+# ---------------------------------------------------------------------------------------------- build
 def build_config(preset: str | None = None, toml: str | Path | None = None, overrides: dict | None = None,
-                 cls: type = SPOConfig) -> SPOConfig:
-    """A validated `cls` (SPOConfig or DPOConfig) from its preset table, a TOML file and overrides."""
-    fields = _fields(cls)
-    presets, default = PRESET_TABLES[cls]
+                 cls: type = SPOConfig) -> RunConfig:
+    """A validated `cls` from its preset, a TOML file and overrides (in that order of precedence)."""
+    fields = fields_of(cls)
     values: dict[str, tuple] = {}
-    name = preset or default
-    if name not in presets:
-        raise SpoInputError(f"unknown preset {name!r} (choose from {', '.join(presets)})")
-    values.update({k: (v, f"preset {name}") for k, v in presets[name].items()})
+    name = preset or DEFAULT_PRESETS[cls]
+    if name is not None:
+        values.update(load_preset(name, cls))
     if toml is not None:
-        values.update(load_toml(toml))
+        values.update(load_toml(toml, cls))
     values.update({k: (v, "command line") for k, v in (overrides or {}).items()})
     kwargs = {}
     for key, (value, where) in values.items():
@@ -266,34 +342,46 @@ def build_config(preset: str | None = None, toml: str | Path | None = None, over
     return validate(cls(**kwargs))
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type = SPOConfig, skip: tuple[str, ...] = ()) -> None:
-    """One flag per field (`--lora-rank`), all defaulting to 'not given' so presets and TOML still apply.
+class _Deprecated(argparse.Action):
+    """An old flag spelling: works, and says once which flag replaces it."""
 
-    `skip`: fields whose flag the command defines itself (with the same dest), e.g. `--data` taking several paths.
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"{parser.prog}: warning: {option_string} is deprecated, use {self.metavar_new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def flag_of(name: str) -> str:
+    return "--out" if name == "output_dir" else "--" + name.replace("_", "-")
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type = SPOConfig, skip: tuple[str, ...] = ()) -> None:
+    """One flag per field, with its help and the default preset's value; all default to 'not given'.
+
+    `skip`: fields whose flag the command defines itself (with the same dest), e.g. a positional data list.
     """
-    presets, default_preset = PRESET_TABLES[cls]
-    parser.add_argument("--config", type=Path, default=None, help="a TOML file of settings")
-    parser.add_argument("--preset", default=None, help=f"one of {', '.join(presets)} (default {default_preset})")
-    defaults = cls()
-    for name in _fields(cls):
+    preset = DEFAULT_PRESETS[cls]
+    shown = {**to_dict(cls()), **({k: v for k, (v, _) in load_preset(preset, cls).items()} if preset else {})}
+    parser.add_argument("--config", type=Path, default=None, help="a TOML file of settings (--print-config writes one)")
+    parser.add_argument("--preset", default=None, help=f"one of {', '.join(preset_names(cls))} "
+                                                       f"(default: {preset or 'none'})")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved settings as TOML and exit")
+    hints = typing.get_type_hints(cls)
+    for name, f in fields_of(cls).items():
         if name in skip:
             continue
-        hint = typing.get_type_hints(cls)[name]
-        flag = "--" + name.replace("_", "-")
-        default = getattr(defaults, name)
-        if hint is bool:
-            parser.add_argument(flag, dest=name, default=None, nargs="?", const="true", metavar="BOOL",
-                                help=f"(default {default})")
+        default = shown[name]
+        text = f"{f.metadata.get('help', '')} (default: {','.join(default) if isinstance(default, list) else default})"
+        if hints[name] is bool:
+            parser.add_argument(flag_of(name), dest=name, default=None, nargs="?", const="true", metavar="BOOL",
+                                help=text)
         else:
-            parser.add_argument(flag, dest=name, default=None, metavar=name.upper(),
-                                help=f"(default {','.join(default) if isinstance(default, list) else default!r})")
+            parser.add_argument(flag_of(name), dest=name, default=None, metavar=name.upper(), help=text)
+    for old, name in DEPRECATED_FLAGS.get(cls, {}).items():
+        if name not in skip:
+            action = parser.add_argument(old, dest=name, default=None, action=_Deprecated, help=argparse.SUPPRESS)
+            action.metavar_new = flag_of(name)
 
 
-def from_args(args: argparse.Namespace, cls: type = SPOConfig) -> SPOConfig:
-    overrides = {name: getattr(args, name) for name in _fields(cls) if getattr(args, name, None) is not None}
+def from_args(args: argparse.Namespace, cls: type = SPOConfig) -> RunConfig:
+    overrides = {name: getattr(args, name) for name in fields_of(cls) if getattr(args, name, None) is not None}
     return build_config(args.preset, args.config, overrides, cls)
-
-
-def to_dict(cfg: SPOConfig) -> dict:
-    hidden = getattr(cfg, "HIDDEN", ())
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in hidden}

@@ -1,0 +1,208 @@
+"""Training the step-aware preference model on Pick-a-Pic-schema pairs (`spo spm train`): its batches and its loss.
+
+For each pair: t ~ U[0, max_t); both images -> base VAE -> same noise at t -> one CFG UNet prediction ->
+DDIM x0-hat -> VAE decode -> SPM scores at t. Loss (spo.losses.preference_loss): two-way softmax cross-entropy
+against the labels minus the label entropy (so a tie's best loss is 0), examples weighted by 1 / examples of
+their prompt. The loop, checkpoints and resume are spo.train.engine's: one engine batch is one micro-batch of
+`train_batch_size` pairs per process, `gradient_accumulation_steps` of them make an optimizer step.
+
+Reproducibility: every random draw of batch m (timesteps, VAE posterior sample, noise) comes from a generator
+seeded by (seed, m, process), and the data order is a pure function of (seed, position), so a resumed run
+continues exactly where the interrupted one was, given the restored model/optimizer/scheduler.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from spo.data.images import pair_tensors
+from spo.errors import SpoInputError
+from spo.losses import preference_loss
+from spo.train.config import SPMConfig
+from spo.train.engine import Method, Run, fit, open_run
+
+SPM_DIR = "spm"
+
+
+# ------------------------------------------------------------------------------------------- data
+def stream_indices(n: int, seed: int, start: int, count: int) -> list[int]:
+    """Items start..start+count-1 of the endless stream of per-epoch permutations of range(n)."""
+    out = []
+    pos = start
+    while len(out) < count:
+        epoch, offset = divmod(pos, n)
+        perm = np.random.default_rng([seed, epoch]).permutation(n)
+        take = min(count - len(out), n - offset)
+        out.extend(int(i) for i in perm[offset:offset + take])
+        pos += take
+    return out
+
+
+def batch_seed(seed: int, batch: int, process: int) -> int:
+    return (seed * 1_000_003 + batch) * 1_009 + process
+
+
+def threshold_labels(score0: torch.Tensor, score1: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL-recipe relabelling: 1/0 or 0/1 when the softmax gap of clean scores exceeds threshold, else a tie."""
+    p = torch.softmax(torch.stack([score0, score1], dim=-1).float(), dim=-1)
+    gap = p[..., 0] - p[..., 1]
+    label0 = torch.where(gap > threshold, 1.0, torch.where(gap < -threshold, 0.0, 0.5))
+    return label0, 1.0 - label0
+
+
+def relabel_pairs(scorer, pairs, side: int, threshold: float, device, chunk: int = 16) -> tuple[list[float], list[float]]:
+    """Clean-image labels from a scorer at t = 0 (deterministic, so computed once before training)."""
+    from spo.spm.scoring import score_images
+
+    l0, l1 = [], []
+    for s in range(0, len(pairs), chunk):
+        idx = list(range(s, min(len(pairs), s + chunk)))
+        a, b, prompts = pair_tensors(pairs, idx, side)
+        t = torch.zeros(len(idx), dtype=torch.long, device=device)
+        x, y = threshold_labels(score_images(scorer, a.to(device), prompts, t, chunk),
+                                score_images(scorer, b.to(device), prompts, t, chunk), threshold)
+        l0 += x.tolist()
+        l1 += y.tolist()
+    return l0, l1
+
+
+# ------------------------------------------------------------------------------------------- model
+def build_spm(init: str, time_conditioning: bool, family: str | None, base: str | None = None):
+    """A fresh SPM (a built-in base's tiny CLIP, or a CLIP folder), or a saved SPM to train further."""
+    from spo.sources import get
+    from spo.spm.model import StepAwarePreferenceModel, check_family
+    from spo.spm.scoring import find_spm_dir
+
+    source = get(base)
+    if init in ("", "toy") and source is not None and source.spm_init is not None:
+        return source.spm_init(time_conditioning=time_conditioning)
+    if not init:
+        raise SpoInputError("no SPM to start from: pass --init CLIP_FOLDER (e.g. PickScore_v1) or an SPM folder")
+    path = Path(init)
+    if not path.exists():
+        raise SpoInputError(f"--init {init}: no such folder (give a CLIP folder or an SPM folder)")
+    spm_dir = find_spm_dir(path)
+    if spm_dir is None:
+        return StepAwarePreferenceModel.from_clip(path, time_conditioning=time_conditioning)
+    spm = StepAwarePreferenceModel.load(spm_dir)
+    check_family(spm, family)
+    if spm.time_conditioning != time_conditioning:
+        raise SpoInputError(f"{spm_dir} is {'' if spm.time_conditioning else 'not '}time-conditioned; "
+                            f"drop --no-time-conditioning or start from a CLIP folder")
+    return spm
+
+
+class SPMMethod(Method):
+    name, unit, weights = "spm", "batch", "SPM"
+
+    def __init__(self, cfg: SPMConfig, pipe, pairs, labels, weights, side: int, world: int, rank: int):
+        self.cfg, self.pipe, self.pairs, self.labels, self.example_weights = cfg, pipe, pairs, labels, weights
+        self.side, self.world, self.rank = side, world, rank
+
+    def batches_per_epoch(self) -> int:
+        return self.cfg.max_train_steps * self.cfg.gradient_accumulation_steps
+
+    def checkpoint_name(self, p) -> str:
+        return f"checkpoint-{p.step:08d}"
+
+    def checkpoint_due(self, run: Run) -> bool:
+        every, step = self.cfg.checkpoint_every_steps, run.progress.step
+        return bool(every) and (step % every == 0 or step == self.cfg.max_train_steps)
+
+    def train_batch(self, run: Run, sync_now: bool) -> dict:
+        from spo.spm.denoise import predicted_pair_images
+
+        cfg, m, device = self.cfg, run.progress.iteration, run.device
+        per_batch = cfg.train_batch_size * self.world
+        idx = stream_indices(len(self.pairs), cfg.seed, m * per_batch, per_batch)
+        idx = idx[self.rank * cfg.train_batch_size:(self.rank + 1) * cfg.train_batch_size]
+        gen = torch.Generator(device=device).manual_seed(batch_seed(cfg.seed, m, self.rank))
+        img0, img1, prompts = pair_tensors(self.pairs, idx, self.side)
+        t = torch.randint(0, cfg.max_t, (len(idx),), generator=gen, device=device)
+        x0, x1 = predicted_pair_images(self.pipe, img0, img1, prompts, t, gen, cfg.cfg_scale)
+        l0 = torch.tensor([self.labels[0][i] for i in idx], device=device)
+        l1 = torch.tensor([self.labels[1][i] for i in idx], device=device)
+        w = torch.tensor([self.example_weights[i] for i in idx], device=device)
+        run.fire("batch_ready")
+        with run.no_sync(True, sync_now):
+            with run.accelerator.autocast():
+                scores = run.module(torch.cat([x0, x1]), prompts * 2, torch.cat([t, t]))
+            s0, s1 = scores.float().chunk(2)
+            loss = preference_loss(s0, s1, l0, l1, w)
+            run.accelerator.backward(loss / cfg.gradient_accumulation_steps)
+        decided = l0 != l1
+        correct = ((s0 > s1) == (l0 > l1))[decided]
+        return {"loss": loss.item(), "pairs": len(idx),
+                "batch_accuracy": float(correct.float().mean()) if len(correct) else float("nan")}
+
+    def postfix(self, stats: dict) -> dict:
+        return {"loss": f"{stats['loss']:.4f}", "lr": f"{stats.get('lr', 0):.2e}"}
+
+
+# ------------------------------------------------------------------------------------------- training
+def load_data(cfg: SPMConfig):
+    from spo.data.pickapic import read_pairs
+
+    pairs, summary = read_pairs(cfg.data)
+    where = ", ".join(map(str, cfg.data)) or "(no data given)"
+    if not pairs:
+        raise SpoInputError(f"no usable preference pairs in {where}: {summary.describe()}")
+    print(summary.describe())  # rows skipped (corrupt images, bad labels) are counted and said, never silent
+    return pairs, summary
+
+
+def train(cfg: SPMConfig) -> dict:
+    """Train an SPM; writes <out>/spm (the model), <out>/checkpoints, <out>/logs. Returns the summary."""
+    from accelerate.utils import set_seed
+
+    from spo.data.pickapic import examples_per_prompt
+    from spo.models.family import family_of
+    from spo.models.loading import load_pipeline
+    from spo.spm.denoise import base_resolution, freeze
+
+    run = open_run(cfg, "spm")
+    with run:
+        pairs, summary = load_data(cfg)  # before the model: bad data fails in a second and leaves no folder
+        run.create_output_dir()
+        pipe = load_pipeline(cfg.base)
+        freeze(pipe)
+        pipe.to(run.device)
+        family, side = family_of(pipe), base_resolution(pipe)
+        labels, relabel_info = ([p.label_0 for p in pairs], [p.label_1 for p in pairs]), None
+        if cfg.relabel_with:
+            from spo.spm.scoring import load_scorer
+
+            scorer = load_scorer(cfg.relabel_with, device=run.device)
+            labels = relabel_pairs(scorer, pairs, side, cfg.relabel_threshold, run.device)
+            del scorer
+            relabel_info = {"scorer": cfg.relabel_with, "threshold": cfg.relabel_threshold,
+                            "ties": int(sum(a == 0.5 for a in labels[0]))}
+        set_seed(cfg.seed)  # the fresh model's initialisation (t-embedder weights, a fresh CLIP)
+        spm = build_spm(cfg.init, cfg.time_conditioning, family, cfg.base)
+        spm.family, spm.base_model = family, cfg.base
+        if cfg.gradient_checkpointing:
+            spm.set_gradient_checkpointing(True)
+        spm.train()
+        run.attach(spm, [p for p in spm.parameters() if p.requires_grad], total_steps=cfg.max_train_steps)
+        start_step = run.progress.step
+        method = SPMMethod(cfg, pipe, pairs, labels, examples_per_prompt(pairs), side, run.accelerator.num_processes,
+                           run.accelerator.process_index)
+        fit(run, method)
+        losses = [h["loss"] for h in run.history]
+        result = {
+            "steps": cfg.max_train_steps, "resumed_from_step": start_step, "pairs": len(pairs), "ties": summary.ties,
+            "skipped_rows": summary.rows_read - summary.pairs_kept, "data": [str(f) for f in summary.files],
+            "family": family, "base_model": cfg.base, "time_conditioning": cfg.time_conditioning,
+            "processes": run.accelerator.num_processes, "relabel": relabel_info, "config": run.summary()["config"],
+            "final_loss_mean_last_10": float(np.mean(losses[-10 * cfg.gradient_accumulation_steps:])) if losses else None,
+            "seconds_this_run": run.summary()["seconds"],
+        }
+        run.accelerator.wait_for_everyone()
+        if run.is_main:
+            run.model.training_summary = result
+            run.model.save(run.out / SPM_DIR)
+        run.close()
+        return result

@@ -1,0 +1,104 @@
+"""The training engine and the config system shared by `spo train`, `spo dpo` and `spo spm train`:
+--print-config round-trips through --config, old flag spellings still work (with a deprecation line), one run per
+output folder, and an interrupted run's history survives --resume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from spo.train.config import DPOConfig, SPMConfig, SPOConfig, build_config, preset_names, to_toml
+
+SCORER = '''
+def brightness(images, prompts, t):
+    return images.mean((1, 2, 3)) * 10
+'''
+# 4 prompts / batch 2 = 2 batches per epoch.
+TRAIN = ["train", "--max-prompts", "4", "--sample-batch-size", "2", "--num-steps", "3", "--divert-start-step", "1",
+         "--k", "2", "--validation-images", "0", "--report-to", "none", "--threshold", "0",
+         "--preference", "eng_scorer:brightness", "--no-evaluate", "--no-report"]
+
+
+def _env(tmp_path: Path) -> dict:
+    (tmp_path / "eng_scorer.py").write_text(SCORER)
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
+                OMP_NUM_THREADS="1")
+
+
+def _spo(tmp_path, args, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "spo", *args], env=_env(tmp_path), capture_output=True, text=True,
+                          timeout=600, **kw)
+
+
+@pytest.mark.parametrize("command,cls", [("train", SPOConfig), ("dpo", DPOConfig), ("spm train", SPMConfig)])
+def test_print_config_round_trips_through_config(tmp_path, command, cls):
+    first = _spo(tmp_path, [*command.split(), "--print-config", "--seed", "3"])
+    assert first.returncode == 0, first.stderr
+    again = _spo(tmp_path, [*command.split(), "--config", "/dev/stdin", "--print-config"], input=first.stdout)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout == first.stdout and "seed = 3" in first.stdout
+    # what it prints is the config the trainer would run, for every preset
+    for name in preset_names(cls):
+        cfg = build_config(name, cls=cls)
+        path = tmp_path / f"{name}.toml"
+        path.write_text(to_toml(cfg))
+        assert build_config(None, path, cls=cls) == cfg
+
+
+def test_old_spm_flag_spellings_work_with_a_deprecation_line(tmp_path):
+    r = _spo(tmp_path, ["spm", "train", "x.parquet", "--steps", "7", "--lr", "2e-4", "--batch-size", "3", "--cfg", "4",
+                        "--no-time-conditioning", "--print-config"])
+    assert r.returncode == 0, r.stderr
+    for line in ("max_train_steps = 7", "learning_rate = 0.0002", "train_batch_size = 3", "cfg_scale = 4.0",
+                 "time_conditioning = false", 'data = ["x.parquet"]'):
+        assert line in r.stdout
+    assert "--steps is deprecated, use --max-train-steps" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_second_run_into_the_same_folder_is_refused(tmp_path):
+    out = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "-m", "spo", *TRAIN, "--epochs", "3", "--out", str(out)],
+                             env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while not out.is_dir() and time.time() < deadline and first.poll() is None:
+            time.sleep(0.2)
+        assert first.poll() is None, first.communicate()[1][-2000:]
+        second = _spo(tmp_path, [*TRAIN, "--epochs", "3", "--out", str(out)])
+        assert second.returncode == 2 and "another training run is writing to this folder" in second.stderr
+        assert "Traceback" not in second.stderr
+    finally:
+        first.kill()
+        first.communicate()
+    # the lock goes with its process, even one killed outright
+    third = _spo(tmp_path, [*TRAIN, "--epochs", "1", "--out", str(tmp_path / "other")])
+    assert third.returncode == 0, third.stderr[-2000:]
+
+
+def test_history_survives_an_interrupt_and_resume(tmp_path):
+    full = _spo(tmp_path, [*TRAIN, "--epochs", "3", "--out", str(tmp_path / "full")])
+    assert full.returncode == 0, full.stderr[-2000:]
+    out = tmp_path / "part"
+    args = [*TRAIN, "--epochs", "3", "--checkpoint-every-batches", "1", "--out", str(out)]
+    p = subprocess.Popen([sys.executable, "-m", "spo", *args], env=_env(tmp_path), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not list((out / "checkpoints").glob("checkpoint-0001-00000/state.json")) and time.time() < deadline:
+        time.sleep(0.1)
+    p.send_signal(signal.SIGINT)  # Ctrl-C in the second of three epochs
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err[-2000:]
+    resumed = _spo(tmp_path, [*args, "--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = json.loads((tmp_path / "full" / "history.json").read_text())
+    b = json.loads((out / "history.json").read_text())
+    assert len(a) == len(b) == 6
+    assert [(h["epoch"], h["step"], h["loss"]) for h in a] == [(h["epoch"], h["step"], h["loss"]) for h in b]
