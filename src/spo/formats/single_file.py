@@ -72,14 +72,20 @@ def read_keys_and_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
         raise SpoInputError(f"{path}: not a readable .safetensors file ({str(exc).splitlines()[0][:120]})") from None
 
 
-def config_folder_for(shapes: dict[str, tuple[int, ...]], family: str) -> Path:
-    """The shipped config folder whose UNet matches the checkpoint (real-size base, else the toy model)."""
-    from spo.toy.defaults import TOY_MODEL_DIR
+def shipped_config_folders() -> list[tuple[str, Path]]:
+    """(family, config folder) of every layout we ship: the real-size bases, then the built-in models' (toy size)."""
+    from spo import sources
 
+    return [(f, CONFIG_DIR / f) for f in FAMILIES] + [(s.family, Path(s.config_dir)) for s in sources.all_sources()
+                                                      if s.config_dir is not None]
+
+
+def config_folder_for(shapes: dict[str, tuple[int, ...]], family: str) -> Path:
+    """The shipped config folder whose UNet matches the checkpoint (real-size base, else a built-in model's)."""
     conv_in = shapes.get(UNET_PREFIX + "input_blocks.0.0.weight")
     if conv_in is None:
         raise SpoInputError("checkpoint has no UNet conv_in (model.diffusion_model.input_blocks.0.0.weight)")
-    for folder in (CONFIG_DIR / family, Path(TOY_MODEL_DIR) / family):
+    for folder in [folder for fam, folder in shipped_config_folders() if fam == family]:
         cfg = unet_config(folder)
         if cfg["block_out_channels"][0] == conv_in[0] and cfg["in_channels"] == conv_in[1]:
             return folder

@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from spo import sources
 from spo.errors import SpoInputError
 from spo.io import check_output_dir
 
@@ -40,7 +41,7 @@ SCHEDULERS: dict[str, tuple[str, dict, str, str | None]] = {
 }
 DEFAULT_SCHEDULER, DEFAULT_STEPS, DEFAULT_CFG = "ddim", 20, 5.0  # SPO's evaluation setting
 DEFAULT_DENOISE = 0.75  # A1111's img2img default
-DEFAULT_MODEL = "toy:sd15"
+DEFAULT_MODEL = sources.DEFAULT_SOURCE
 
 
 def check_scheduler(name: str) -> str:
@@ -113,8 +114,8 @@ def parse_lora(text: str) -> LoraSpec:
 
 def model_label(source: str) -> str:
     text = str(source)
-    if text.startswith("toy:"):
-        return "toy_" + text[4:]
+    if sources.get(text) is not None:  # a built-in model: its name, with ':' spelled '_' as in a file stem
+        return text.replace(":", "_")
     p = Path(text)
     return p.stem if p.is_file() else p.name
 
@@ -208,7 +209,9 @@ class Generator:
 
     @property
     def family(self) -> str:
-        return "sdxl" if "XL" in type(self.pipe).__name__ else "sd15"
+        from spo.models.family import family_of
+
+        return family_of(self.pipe)
 
     def set_strengths(self, strengths: list[float]) -> None:
         if not self.adapters:

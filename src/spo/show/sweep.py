@@ -298,10 +298,9 @@ def _settings(base, config: dict, loras, lora_index: int):
 def _make_scorer(spec: str, family: str | None):
     """"judge" (the toy judge: aesthetic + alignment) or an SPM folder / "module:function" scored at t = 0."""
     if spec in ("judge", "toy"):
-        from spo.toy import judge
+        from spo import sources
 
-        return lambda ims, prompts: {"aesthetic": [judge.aesthetic(i) for i in ims],
-                                     "alignment": [float(judge.alignment(i, p)) for i, p in zip(ims, prompts)]}
+        return sources.default().judge
     from spo.show.scoring import tensor_scorer
 
     fn = tensor_scorer(spec, family)
