@@ -1,9 +1,9 @@
 import torch
 from diffusers import DDIMScheduler
 
-from spo.ddim import cfg, ddim_mean, ddim_sigma, gaussian_log_prob, predicted_x0
+from spo.ddim import cfg, ddim_mean, ddim_sigma, ddim_step, gaussian_log_prob, predicted_x0
 from spo.losses import select_pairs, spo_loss
-from spo.sampling.resampler import ddim_step, schedule
+from spo.sampling.resampler import schedule
 from spo.toy.models import scheduler as toy_scheduler
 
 

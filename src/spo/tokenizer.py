@@ -3,7 +3,7 @@
 SD1.5 and SDXL use OpenAI's CLIP BPE (49,408 tokens). The hub is unreachable here, so the package ships
 `vocab.json` + `merges.txt` built from the BPE merge list that open_clip's wheel carries
 (`open_clip/bpe_simple_vocab_16e6.txt.gz`); transformers' `CLIPTokenizer` reads them directly.
-The shipped files were made by spo.toy.tokenizer (`spo toy tokenizer --from-open-clip-wheel WHEEL`).
+The shipped files were made by `spo toy tokenizer --from-open-clip-wheel WHEEL`.
 """
 
 from __future__ import annotations

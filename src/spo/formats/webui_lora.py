@@ -24,11 +24,11 @@ import torch
 
 from spo.errors import SpoInputError
 from spo.formats import single_file as sf
+from spo.models.family import BY_NAME
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-WEBUI_TE_PREFIX = {("sd15", "text_encoder"): "lora_te_", ("sdxl", "text_encoder"): "lora_te1_",
-                   ("sdxl", "text_encoder_2"): "lora_te2_"}
+WEBUI_TE_PREFIX = {(f.name, component): prefix for f in BY_NAME.values() for component, prefix in f.webui_te_prefix.items()}
 
 
 # ----------------------------------------------------------------------------------------------- reading

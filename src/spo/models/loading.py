@@ -35,7 +35,7 @@ def load_pipeline(source: str | Path | None = None, family: str | None = None, *
             raise SpoInputError(f"{path}: not a diffusers model folder (no model_index.json)")
         pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True, torch_dtype=dtype)
     else:
-        from spo.formats.single_file import load_single_file
+        from spo.models.checkpoint import load_single_file
 
         pipe = load_single_file(path, family, dtype=dtype, allow_pickle=allow_pickle, config=config)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)

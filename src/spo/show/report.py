@@ -103,7 +103,7 @@ def training_curves(history: list[dict]) -> bytes | None:
 def before_after_pairs(folder: Path, n: int, base: str | None, prompts: list[str] | None, seed: int = 0):
     """Seed-matched images of the base (LoRA at 0) and of the trained LoRA (at 1): (html, table rows)."""
     from spo.show.generate import Generator, Settings, parse_lora
-    from spo.show.sweep import labelled_grid
+    from spo.show.grid import labelled_grid
 
     lora_dir = folder / "lora"
     summary_path = lora_dir / "training_summary.json"

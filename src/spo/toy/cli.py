@@ -124,7 +124,8 @@ def _check_output_file(path: Path) -> None:
 
 def _sample(args) -> int:
     from spo.io import check_output_dir, ensure_writable_dir, save_image, write_json
-    from spo.toy.sampling import grid, judge_images, load_toy_pipeline, sample
+    from spo.show.grid import image_grid
+    from spo.toy.sampling import judge_images, load_toy_pipeline, sample
     from spo.toy.world import sample_scenes
 
     check_output_dir(args.out)  # fail early, but create it only once the model has loaded
@@ -133,7 +134,7 @@ def _sample(args) -> int:
     prompts = [s.caption for s in sample_scenes(args.num_images, seed=args.seed, split=args.split)]
     images = sample(pipe, prompts, seed=args.seed, steps=args.steps, cfg=args.cfg)
     scores = judge_images(images, prompts)
-    save_image(grid(images[:64]), out / "grid.png")
+    save_image(image_grid(images[:64], cols=8, scale=4), out / "grid.png")
     write_json(out / "scores.json", {"family": args.family, "split": args.split, "seed": args.seed,
                                       "steps": args.steps, "cfg": args.cfg, "prompts": prompts, **scores})
     print(f"{args.family}: {scores['n']} images on {args.split} captions | judge aesthetic "
