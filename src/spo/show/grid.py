@@ -7,6 +7,7 @@ import math
 from typing import Sequence
 
 MIN_CELL = 128  # toy images are 32 px: scale cells up so labels and details are readable
+MAX_LABEL_LINES = 4  # a longer cell label is cut, ending in "…"
 
 
 def columns_for(n: int, max_cols: int = 8) -> int:
@@ -39,7 +40,7 @@ def image_grid(images: Sequence, cols: int | None = None, scale: int = 1, labels
     cw, ch = w * scale, h * scale
     font = _font(max(10, min(14, cw // 10)))
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    wrapped = [_wrap(probe, str(t), font, cw - 6)[:3] for t in labels]
+    wrapped = [_clip_lines(probe, _wrap(probe, str(t), font, cw - 6), font, cw - 6) for t in labels]
     line_h = int(font.size * 1.25) if hasattr(font, "size") else 12
     strip = max(len(lines) for lines in wrapped) * line_h + 4
     out = Image.new("RGB", (cols * cw, rows * (ch + strip)), (255, 255, 255))
@@ -50,6 +51,15 @@ def image_grid(images: Sequence, cols: int | None = None, scale: int = 1, labels
         for k, line in enumerate(wrapped[i] if i < len(wrapped) else []):
             draw.text((x + 3, y + ch + 2 + k * line_h), line, fill=(0, 0, 0), font=font)
     return out
+
+
+def _clip_lines(draw, lines: list[str], font, width: int, most: int = MAX_LABEL_LINES) -> list[str]:
+    if len(lines) <= most:
+        return lines
+    last = lines[most - 1].split(" ")
+    while len(last) > 1 and draw.textlength(" ".join(last) + " …", font=font) > width:
+        last.pop()
+    return lines[:most - 1] + [" ".join(last) + " …"]
 
 
 def _font(size: int):
