@@ -4,7 +4,8 @@ A source brings what a user's checkpoint cannot: its pipeline, its own training 
 preference model, a clean-image reference scorer, preference pairs made from the model, and a before/after
 evaluation. The trainers, `spo generate`, `spo spm ...` and the rest ask this registry; nothing outside it and
 the plugin's own package knows that the toy world exists. A plugin is a module with a `SOURCES` list of
-ModelSource; the built-in one is the embedded toy world (spo.toy.source).
+ModelSource and, optionally, `COMMANDS` (CLI command name -> module with add_arguments/run, e.g. `spo toy`);
+the built-in one is the embedded toy world (spo.toy.source).
 """
 
 from __future__ import annotations
