@@ -1,9 +1,9 @@
 import torch
 from diffusers import DDIMScheduler
 
-from spo.ddim import cfg, ddim_mean, ddim_sigma, gaussian_log_prob, predicted_x0
+from spo.ddim import cfg, ddim_mean, ddim_sigma, ddim_step, gaussian_log_prob, predicted_x0
 from spo.losses import select_pairs, spo_loss
-from spo.sampling.resampler import ddim_step, schedule
+from spo.sampling.resampler import schedule
 from spo.toy.models import scheduler as toy_scheduler
 
 
@@ -54,3 +54,23 @@ def test_select_pairs_threshold():
 def test_cfg():
     u, c = torch.zeros(2), torch.ones(2)
     assert cfg(u, c, 5.0).tolist() == [5.0, 5.0]
+
+
+def test_output_conversions_match_diffusers_for_every_prediction_type():
+    from spo.ddim import PREDICTION_TYPES, add_noise, eps_from_output, x0_from_output
+
+    g = torch.Generator().manual_seed(2)
+    x0, noise, out = (torch.randn(2, 4, 8, 8, generator=g) for _ in range(3))
+    for kind in PREDICTION_TYPES:
+        sched = DDIMScheduler.from_config(toy_scheduler().config, prediction_type=kind)
+        timesteps, a_ts, a_prevs = schedule(sched, 20)
+        for i in (0, 11, 19):
+            t, a_t, a_prev = timesteps[i], a_ts[i], a_prevs[i]
+            x_t = add_noise(x0, noise, a_t)
+            torch.testing.assert_close(x_t, sched.add_noise(x0, noise, t.view(1)))
+            step = sched.step(out, t, x_t, eta=0.0)
+            x0_hat, eps_hat = x0_from_output(out, x_t, a_t, kind), eps_from_output(out, x_t, a_t, kind)
+            torch.testing.assert_close(x0_hat, step.pred_original_sample, atol=1e-5, rtol=1e-5)
+            # eta = 0: x_{t-1} = sqrt(a_prev) x0-hat + sqrt(1 - a_prev) eps-hat, eps-hat being diffusers' own
+            torch.testing.assert_close(ddim_mean(x0_hat, eps_hat, a_prev, torch.zeros(())), step.prev_sample,
+                                       atol=1e-5, rtol=1e-5)

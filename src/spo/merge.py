@@ -7,7 +7,7 @@ neither peft-named LoRAs nor our toy layouts; the recipe validation and one-line
 
 Recipe (paths relative to the recipe's folder, never outside it)::
 
-    base = "a.safetensors"                 # original-layout single file (or a diffusers folder)
+    base = "a.safetensors"                 # original-layout single file, a diffusers folder, or a built-in model (`spo generate --help` lists them)
     output = "merged.safetensors"          # and/or: output_diffusers = "merged_diffusers"
     dtype = "fp16"                         # fp32 | fp16 | bf16 (default: the base's)
     title = "my merge"                     # optional, for the metadata
@@ -66,9 +66,9 @@ METHODS = ("weighted_sum", "add_difference")
 @dataclass
 class CheckpointStep:
     method: str
-    model: Path
+    model: Path | str  # a path, or a built-in model's name
     multiplier: float
-    minus: Path | None = None
+    minus: Path | str | None = None
     blocks: dict[str, float] = field(default_factory=dict)
 
 
@@ -82,7 +82,7 @@ class LoraStep:
 @dataclass
 class Recipe:
     folder: Path
-    base: Path
+    base: Path | str  # a path, or a built-in model's name
     output: Path | None
     output_diffusers: Path | None
     dtype: str | None
@@ -104,6 +104,15 @@ def _inside(folder: Path, value, what: str, must_exist: bool) -> Path:
     if must_exist and not path.exists():
         raise SpoInputError(f"recipe: {what} {value!r} not found")
     return path
+
+
+def _model(folder: Path, value, what: str) -> Path | str:
+    """A model input: a built-in model's name (spo.sources) as it is, else a path inside the recipe's folder."""
+    from spo import sources
+
+    if isinstance(value, str) and value in sources.names():
+        return value
+    return _inside(folder, value, what, True)
 
 
 def _number(value, what: str) -> float:
@@ -139,7 +148,7 @@ def load_recipe(path: str | Path) -> Recipe:
     _unknown(data, TOP_KEYS, "the recipe")
     if "base" not in data:
         raise SpoInputError("recipe: 'base' (the model to start from) is required")
-    base = _inside(folder, data["base"], "base", True)
+    base = _model(folder, data["base"], "base")
     output = _inside(folder, data["output"], "output", False) if "output" in data else None
     output_dir = _inside(folder, data["output_diffusers"], "output_diffusers", False) if "output_diffusers" in data else None
     dtype = data.get("dtype")
@@ -156,9 +165,9 @@ def load_recipe(path: str | Path) -> Recipe:
             raise SpoInputError(f"recipe: {what} needs 'model' and 'multiplier'")
         if (method == "add_difference") != ("minus" in t):
             raise SpoInputError(f"recipe: {what}: 'minus' goes with method add_difference (and only with it)")
-        checkpoints.append(CheckpointStep(method, _inside(folder, t["model"], f"{what} model", True),
+        checkpoints.append(CheckpointStep(method, _model(folder, t["model"], f"{what} model"),
                                           _number(t["multiplier"], f"{what} multiplier"),
-                                          _inside(folder, t["minus"], f"{what} minus", True) if "minus" in t else None,
+                                          _model(folder, t["minus"], f"{what} minus") if "minus" in t else None,
                                           _blocks(t.get("blocks"), what)))
     loras = []
     for i, t in enumerate(_tables(data.get("lora", []), "lora")):
@@ -183,14 +192,17 @@ def _tables(value, name: str) -> list[dict]:
 class Source:
     """An original-layout model to read tensor by tensor: a .safetensors file (streamed) or a diffusers folder."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path | str):
+        from spo import sources
+
+        builtin = isinstance(path, str) and sources.get(path) is not None
+        self.path = path = Path(path)
         self._file = None
         self._dict = None
-        if path.is_dir():
+        if builtin or path.is_dir():
             from spo.models.loading import load_pipeline
 
-            self._dict = sf.pipeline_to_original(load_pipeline(path))
+            self._dict = sf.pipeline_to_original(load_pipeline(str(path) if builtin else path))
             self.shapes = {k: tuple(v.shape) for k, v in self._dict.items()}
             self.dtypes = {k: v.dtype for k, v in self._dict.items()}
         elif path.suffix.lower() == ".safetensors":

@@ -10,10 +10,12 @@ from spo.cli.argtypes import finite_float, integer
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """Model, LoRAs, prompts and sampler options shared by `spo generate` and `spo sweep`."""
+    from spo import sources
     from spo.show.generate import DEFAULT_CFG, DEFAULT_MODEL, DEFAULT_SCHEDULER, DEFAULT_STEPS, SCHEDULERS
 
     parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help="toy:sd15 / toy:sdxl, a diffusers folder or a single-file checkpoint (default: %(default)s)")
+                        help=f"{' / '.join(sources.names())}, a diffusers folder or a single-file checkpoint "
+                             "(default: %(default)s)")
     parser.add_argument("--family", choices=["sd15", "sdxl"], default=None, help="model family when it cannot be detected")
     parser.add_argument("--lora", action="append", default=[], metavar="PATH[:STRENGTH]",
                         help="a LoRA file or folder with its strength (default 1; negative and above 1 allowed); repeatable")

@@ -13,7 +13,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="add a `spo score` output folder; repeatable")
     parser.add_argument("--pairs", type=int, default=8, help="before/after pairs to generate for a training run (0: none)")
     parser.add_argument("--base", default=None, help="base model for the pairs (default: the one the run trained)")
-    parser.add_argument("--prompt", action="append", default=[], help="prompts for the pairs (default for toy: held-out captions)")
+    parser.add_argument("--prompt", action="append", default=[], help="prompts for the pairs (default for a built-in base model: its held-out prompts)")
     parser.add_argument("--title", default=None)
     parser.add_argument("--out", type=Path, default=None, help="the HTML file (default: FOLDER/report.html)")
 

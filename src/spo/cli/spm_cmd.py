@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from spo.cli.argtypes import finite_float, nonneg_int, positive_int
+from spo import sources
 from spo.errors import SpoInputError
 
 
@@ -23,9 +24,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add_train_arguments(t)
 
     e = sub.add_parser("eval", help="pairwise accuracy of one or more SPMs vs timestep, with a plot")
-    e.add_argument("spm", nargs="+", type=Path, help="SPM folders (or `spo spm train` output folders)")
+    e.add_argument("spm", nargs="+", help="SPM folders (or `spo spm train` output folders); a built-in model's name "
+                                          "stands for its shipped SPM")
     e.add_argument("--data", nargs="+", type=Path, required=True, help="held-out Pick-a-Pic-schema pairs")
-    e.add_argument("--base", default=None, help="base model (default toy:sd15); must be the SPMs' family")
+    e.add_argument("--base", default=None, help=f"base model (default {sources.DEFAULT_SOURCE}); must be the SPMs' family")
     e.add_argument("--timesteps", type=_timesteps, default=[0, 251, 501, 701, 951])
     e.add_argument("--min-judge-gap", type=finite_float, default=None,
                    help="toy data: keep pairs whose toy-judge aesthetic scores differ by at least this")
@@ -42,16 +44,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     g = sub.add_parser("siblings", help="does a preference model pick, among SPO's k candidates, the one a clean-image "
                                         "reference prefers once finished? (per sampling step, with a plot)")
-    g.add_argument("preference", nargs="+", help="SPM folders (or CLIP folders, package.module:function scorers) to check")
+    g.add_argument("preference", nargs="+", help="SPM folders (or CLIP folders, package.module:function scorers) to "
+                                                 "check; a built-in model's name stands for its shipped SPM")
     g.add_argument("--reference", default=None,
                    help="clean-image scorer the finished candidates are judged by: a CLIP folder (e.g. PickScore_v1), "
-                        "an SPM folder (scored at t = 0) or package.module:function; toy default: the toy judge's "
-                        "aesthetic (spo.toy.judge:aesthetic_preference)")
+                        "an SPM folder (scored at t = 0) or package.module:function; default for a built-in base "
+                        "model: its own reference (the toy judge's aesthetic)")
     g.add_argument("--base", default=None,
-                   help="base model: toy:sd15 (default), toy:sdxl, a diffusers folder or a single-file .safetensors")
+                   help=f"base model: {sources.DEFAULT_SOURCE} (default), another built-in model, a diffusers folder or a "
+                        "single-file .safetensors")
     g.add_argument("--cpu", action="store_true", help="run on CPU even when a GPU is present")
     g.add_argument("--prompts", default=None, metavar="FILE",
-                   help="prompts (JSON list, text, CSV/parquet); toy default: held-out toy captions")
+                   help="prompts (JSON list, text, CSV/parquet); default for a built-in base model: its held-out prompts")
     g.add_argument("--prompt-column", default=None)
     g.add_argument("-n", "--num-prompts", type=positive_int, default=64, help="prompts to branch (at most)")
     g.add_argument("--k", type=positive_int, default=4, help="candidates per branching (SPO: 4 for SD1.5, 2 for SDXL)")
@@ -136,7 +140,7 @@ def _eval(args) -> int:
     from spo.spm.evaluate import evaluate, format_table, plot_accuracy
 
     check_output_dir(args.out)  # fail early, but create it only once there is a result to write
-    result = evaluate(args.spm, args.data, base=args.base, timesteps=args.timesteps, min_judge_gap=args.min_judge_gap,
+    result = evaluate([sources.preference_spec(s) for s in args.spm], args.data, base=args.base, timesteps=args.timesteps, min_judge_gap=args.min_judge_gap,
                       seed=args.seed, batch_size=args.batch_size, cfg_scale=args.cfg, limit=args.limit,
                       progress=args.progress, against=args.against, same_judge_alignment=args.same_judge_alignment)
     return _publish(args.out, "accuracy", result, plot_accuracy, format_table(result))
@@ -163,8 +167,8 @@ def _siblings(args) -> int:
     from spo.spm.scoring import find_spm_dir, load_scorer
     from spo.spm.siblings import format_table, plot_siblings, sibling_agreement
 
-    base = args.base or "toy:sd15"
-    toy = base.startswith("toy:")
+    base = args.base or sources.DEFAULT_SOURCE
+    source = sources.get(base)
     bad = [s for s in args.at_steps if not 0 <= s < args.num_steps]
     if bad or not args.at_steps:
         raise SpoInputError(f"--at-steps must be in [0, {args.num_steps}), got {bad or 'none'}")
@@ -172,19 +176,17 @@ def _siblings(args) -> int:
         raise SpoInputError(f"--eta must be >= 0, got {args.eta}")
     if args.k < 2:
         raise SpoInputError(f"--k must be at least 2 to have siblings, got {args.k}")
-    if args.reference is None and not toy:
+    if args.reference is None and (source is None or not source.reference):
         raise SpoInputError("give --reference: the clean-image scorer the finished candidates are judged by "
                             "(a CLIP folder such as PickScore_v1, an SPM folder, or package.module:function)")
     if args.prompts:
         from spo.data.prompts import load_prompts
 
         prompts = list(load_prompts(args.prompts, args.prompt_column))[:args.num_prompts]
-    elif toy:
-        from spo.toy.world import sample_scenes
-
-        prompts = [s.caption for s in sample_scenes(args.num_prompts, args.seed + 4321, split="heldout")]
+    elif source is not None:
+        prompts = source.heldout_prompts(args.num_prompts, args.seed + 4321)
     else:
-        raise SpoInputError("give --prompts FILE (the toy's held-out captions are only the default for toy bases)")
+        raise SpoInputError("give --prompts FILE (held-out prompts are the default only for built-in base models)")
     if not prompts:
         raise SpoInputError(f"{args.prompts}: no prompts")
     check_output_dir(args.out)
@@ -197,17 +199,17 @@ def _siblings(args) -> int:
     family = family_of(pipe)
 
     scorers = {}
-    for spec in args.preference:
+    for spec in map(sources.preference_spec, args.preference):
         scorer = load_scorer(spec, family=family, device=device)
         scorers[model_name(spec, scorer) if find_spm_dir(spec) else spec] = scorer
-    reference = args.reference or "spo.toy.judge:aesthetic_preference"
+    reference = args.reference or source.reference
     references = {reference: load_scorer(reference, device=device)}
-    if toy:  # the toy judge can also say what the pick costs in alignment
-        references.setdefault("spo.toy.judge:alignment_preference", load_scorer("spo.toy.judge:alignment_preference"))
+    for extra in source.references if source is not None else ():  # e.g. what the pick costs in alignment
+        references.setdefault(extra, load_scorer(extra, device=device))
     result = sibling_agreement(pipe, scorers, references, prompts, k=args.k, steps=args.at_steps,
                                num_steps=args.num_steps, cfg=args.cfg, eta=args.eta, seed=args.seed,
                                batch=args.batch_size, progress=args.progress)
-    result.update(base_model=base, family=family, prompts=args.prompts or "toy held-out captions")
+    result.update(base_model=base, family=family, prompts=args.prompts or f"{base} held-out prompts")
     return _publish(args.out, "siblings", result, plot_siblings, format_table(result))
 
 

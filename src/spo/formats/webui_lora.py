@@ -24,11 +24,11 @@ import torch
 
 from spo.errors import SpoInputError
 from spo.formats import single_file as sf
+from spo.models.family import BY_NAME
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-WEBUI_TE_PREFIX = {("sd15", "text_encoder"): "lora_te_", ("sdxl", "text_encoder"): "lora_te1_",
-                   ("sdxl", "text_encoder_2"): "lora_te2_"}
+WEBUI_TE_PREFIX = {(f.name, component): prefix for f in BY_NAME.values() for component, prefix in f.webui_te_prefix.items()}
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -104,11 +104,9 @@ def adapter_alphas(metadata: dict[str, str], state_dict: dict[str, torch.Tensor]
 # ----------------------------------------------------------------------------------------------- family
 
 def _known_configs() -> list[tuple[str, dict]]:
-    """(family, UNet config) of every layout we ship: the real SD1.5/SDXL bases, then the toy models."""
-    from spo.toy.defaults import TOY_MODEL_DIR
-
-    return [(family, sf.unet_config(folder)) for folder_of in (lambda f: sf.CONFIG_DIR / f, lambda f: Path(TOY_MODEL_DIR) / f)
-            for family in sf.FAMILIES for folder in [folder_of(family)] if (folder / "unet" / "config.json").is_file()]
+    """(family, UNet config) of every layout we ship: the real SD1.5/SDXL bases, then the built-in (toy) models."""
+    return [(family, sf.unet_config(folder)) for family, folder in sf.shipped_config_folders()
+            if (folder / "unet" / "config.json").is_file()]
 
 
 def _cross_dim(state_dict: dict[str, torch.Tensor]) -> int | None:

@@ -7,9 +7,57 @@ own `encode_prompt` (diffusers), so the conditioning is exactly what diffusers' 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+
+from spo.errors import SpoInputError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "assets" / "configs"  # the real bases' component configs
+# Original (ldm/sgm) single-file layout: the prefixes every family shares.
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+
+
+@dataclass(frozen=True)
+class Family:
+    """What differs between SD1.5 and SDXL, in one place: pipeline classes, native resolution, text encoders and
+    the prefixes of their keys in the original single-file layout and in webui/kohya LoRAs."""
+
+    name: str  # "sd15" | "sdxl"
+    pipeline_class: str  # diffusers class name (txt2img)
+    default_resolution: int  # the real base model's native side in pixels
+    te_prefix: dict[str, str] = field(default_factory=dict)  # text encoder component -> original-layout key prefix
+    webui_te_prefix: dict[str, str] = field(default_factory=dict)  # component -> webui/kohya LoRA key prefix
+
+    @property
+    def text_encoders(self) -> tuple[str, ...]:
+        return tuple(self.te_prefix)
+
+    @property
+    def config_dir(self) -> Path:
+        return CONFIG_DIR / self.name
+
+    def pipeline_cls(self):
+        import diffusers
+
+        return getattr(diffusers, self.pipeline_class)
+
+
+SD15 = Family("sd15", "StableDiffusionPipeline", 512, {"text_encoder": "cond_stage_model.transformer."},
+              {"text_encoder": "lora_te_"})
+SDXL = Family("sdxl", "StableDiffusionXLPipeline", 1024,
+              {"text_encoder": "conditioner.embedders.0.transformer.", "text_encoder_2": "conditioner.embedders.1.model."},
+              {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"})
+BY_NAME: dict[str, Family] = {f.name: f for f in (SD15, SDXL)}
+FAMILIES: tuple[str, ...] = tuple(BY_NAME)  # ("sd15", "sdxl")
+
+
+def get(name: str) -> Family:
+    if name not in BY_NAME:
+        raise SpoInputError(f"unknown model family {name!r} (choose from {', '.join(FAMILIES)})")
+    return BY_NAME[name]
 
 
 @dataclass
@@ -37,7 +85,13 @@ class Conditioning:
 
 
 def family_of(pipe) -> str:
+    """The family of a loaded pipeline (the one detector; checkpoint files are read by their key names instead)."""
     return "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd15"
+
+
+def native_resolution(pipe) -> int:
+    """The side, in pixels, the pipeline's UNet was trained at (sample size x VAE scale)."""
+    return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
 
 
 def encode(pipe, prompts: list[str], negative: bool = False) -> Conditioning:
@@ -61,7 +115,7 @@ def encode(pipe, prompts: list[str], negative: bool = False) -> Conditioning:
 
 def add_time_ids(pipe, batch: int, dtype=torch.float32) -> torch.Tensor:
     """SDXL micro-conditioning: original size, crop top-left, target size (no crop, native resolution)."""
-    side = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    side = native_resolution(pipe)
     ids = torch.tensor([side, side, 0, 0, side, side], dtype=dtype, device=pipe.unet.device)
     return ids.expand(batch, 6)
 

@@ -1,6 +1,6 @@
-"""Base models in: the toy pipelines, diffusers folders, single-file checkpoints (original layout).
+"""Base models in: built-in model sources (spo.sources), diffusers folders, single-file checkpoints (original layout).
 
-`load_pipeline` is the one entry point every command uses, so a user's model goes wherever a toy one does.
+`load_pipeline` is the one entry point every command uses, so a user's model goes wherever a built-in one does.
 """
 
 from __future__ import annotations
@@ -9,28 +9,24 @@ from pathlib import Path
 
 import torch
 
+from spo import sources
 from spo.errors import SpoInputError
-
-TOY_PREFIX = "toy:"
 
 
 def load_pipeline(source: str | Path | None = None, family: str | None = None, *, dtype: torch.dtype = torch.float32,
                   allow_pickle: bool = False, config: str | Path | None = None):
     """A diffusers StableDiffusion(XL)Pipeline with a DDIM scheduler, on CPU, progress bars off.
 
-    source: None or "toy:sd15" / "toy:sdxl" (the shipped toy models; None takes `family`, default sd15),
+    source: None (the default built-in model of `family`, default sd15), a built-in model's name (spo.sources),
     a diffusers folder, or a single-file checkpoint in the original layout (.safetensors; .ckpt/.pt/.bin only
     with allow_pickle, read with torch.load(weights_only=True)). A single file's family is detected from its
     keys (and checked against `family` when given); `config` overrides the shipped component configs.
     """
     from diffusers import DDIMScheduler, DiffusionPipeline
 
-    if source is None or str(source).startswith(TOY_PREFIX):
-        from spo.toy.sampling import load_toy_pipeline
-
-        toy = str(source)[len(TOY_PREFIX):] if source is not None else (family or "sd15")
-        pipe = load_toy_pipeline(toy)
-        return pipe.to(dtype=dtype)
+    builtin = sources.default(family) if source is None else sources.get(source)
+    if builtin is not None:
+        return builtin.load_pipeline().to(dtype=dtype)
     path = Path(source)
     if not path.exists():
         raise SpoInputError(f"{path}: no such model file or folder")
@@ -39,7 +35,7 @@ def load_pipeline(source: str | Path | None = None, family: str | None = None, *
             raise SpoInputError(f"{path}: not a diffusers model folder (no model_index.json)")
         pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True, torch_dtype=dtype)
     else:
-        from spo.formats.single_file import load_single_file
+        from spo.models.checkpoint import load_single_file
 
         pipe = load_single_file(path, family, dtype=dtype, allow_pickle=allow_pickle, config=config)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)

@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from spo.ddim import ddim_mean, ddim_sigma, predicted_x0
+from spo.ddim import ddim_step, predicted_x0
 from spo.losses import select_pairs
 
 # eps_fn(x [N,C,H,W], t [N], rows [N]) -> CFG eps [N,C,H,W]; rows index the prompts of the batch.
@@ -58,12 +58,6 @@ def schedule(scheduler, num_steps: int, device=None) -> tuple[torch.Tensor, torc
     final = torch.as_tensor(float(scheduler.final_alpha_cumprod), device=device)
     a_prev = torch.where(prev >= 0, ac[prev.clamp(min=0)], final)
     return timesteps, ac[timesteps], a_prev
-
-
-def ddim_step(x: torch.Tensor, eps: torch.Tensor, a_t, a_prev, eta: float, noise: torch.Tensor) -> torch.Tensor:
-    """One stochastic DDIM step x_t -> x_{t-1} = mu + sigma_t z (what diffusers' DDIMScheduler.step samples)."""
-    sigma = ddim_sigma(a_t, a_prev, eta)
-    return ddim_mean(predicted_x0(x, eps, a_t), eps, a_prev, sigma) + sigma * noise
 
 
 def _noise(generators: list[torch.Generator], rows: torch.Tensor, shape, device, dtype) -> torch.Tensor:

@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from spo import sources
 from spo.errors import SpoInputError
 from spo.io import check_output_dir
 
@@ -40,7 +41,7 @@ SCHEDULERS: dict[str, tuple[str, dict, str, str | None]] = {
 }
 DEFAULT_SCHEDULER, DEFAULT_STEPS, DEFAULT_CFG = "ddim", 20, 5.0  # SPO's evaluation setting
 DEFAULT_DENOISE = 0.75  # A1111's img2img default
-DEFAULT_MODEL = "toy:sd15"
+DEFAULT_MODEL = sources.DEFAULT_SOURCE
 
 
 def check_scheduler(name: str) -> str:
@@ -113,14 +114,10 @@ def parse_lora(text: str) -> LoraSpec:
 
 def model_label(source: str) -> str:
     text = str(source)
-    if text.startswith("toy:"):
-        return "toy_" + text[4:]
+    if sources.get(text) is not None:  # a built-in model: its name, with ':' spelled '_' as in a file stem
+        return text.replace(":", "_")
     p = Path(text)
     return p.stem if p.is_file() else p.name
-
-
-def native_size(pipe) -> int:
-    return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
 
 
 MAX_SIDE = 4096  # 4x SDXL's native side; beyond it the latents alone would exhaust memory
@@ -208,7 +205,9 @@ class Generator:
 
     @property
     def family(self) -> str:
-        return "sdxl" if "XL" in type(self.pipe).__name__ else "sd15"
+        from spo.models.family import family_of
+
+        return family_of(self.pipe)
 
     def set_strengths(self, strengths: list[float]) -> None:
         if not self.adapters:
@@ -234,15 +233,18 @@ class Generator:
             w0, h0 = init_image.size
             w, h = settings.width or max(8, w0 // 8 * 8), settings.height or max(8, h0 // 8 * 8)
         else:
-            side = native_size(self.pipe)
+            from spo.models.family import native_resolution
+
+            side = native_resolution(self.pipe)
             w, h = settings.width or side, settings.height or side
         check_size(w, h)
         return w, h
 
     def __call__(self, prompts: list[str], seeds: list[int], settings: Settings, init_image=None, batch: int = 8):
         """One image per (prompt, seed) pair, in order."""
-        import torch
         from PIL import Image
+
+        from spo.sampling.images import sample_images
 
         if len(prompts) != len(seeds):
             raise ValueError("prompts and seeds differ in length")
@@ -257,17 +259,11 @@ class Generator:
             init = init_image if init_image.size == (w, h) else init_image.resize((w, h), Image.LANCZOS)
         elif not self.img2img:
             kwargs.update(width=w, height=h)
-        images = []
-        for start in range(0, len(prompts), max(1, batch)):
-            chunk, chunk_seeds = prompts[start:start + batch], seeds[start:start + batch]
-            gens = [torch.Generator(self.device).manual_seed(int(s)) for s in chunk_seeds]
-            extra = {"image": [init] * len(chunk)} if init_image is not None else {}
-            if settings.negative_prompt:
-                extra["negative_prompt"] = [settings.negative_prompt] * len(chunk)
-            with torch.no_grad():
-                out = self.pipe(prompt=list(chunk), generator=gens, **kwargs, **extra)
-            images.extend(out.images)
-        return images
+        per_image = {"image": [init] * len(prompts)} if init_image is not None else {}
+        if settings.negative_prompt:
+            per_image["negative_prompt"] = [settings.negative_prompt] * len(prompts)
+        return sample_images(self.pipe, prompts, seeds, batch=batch, generator_device=self.device, per_image=per_image,
+                             **kwargs)
 
     def infotext(self, prompt: str, seed: int, settings: Settings, size: tuple[int, int], extra: dict | None = None) -> str:
         from spo import __version__

@@ -14,6 +14,7 @@ import io
 import json
 from pathlib import Path
 
+from spo import sources
 from spo.errors import SpoInputError
 
 
@@ -102,7 +103,7 @@ def training_curves(history: list[dict]) -> bytes | None:
 def before_after_pairs(folder: Path, n: int, base: str | None, prompts: list[str] | None, seed: int = 0):
     """Seed-matched images of the base (LoRA at 0) and of the trained LoRA (at 1): (html, table rows)."""
     from spo.show.generate import Generator, Settings, parse_lora
-    from spo.show.sweep import labelled_grid
+    from spo.show.grid import labelled_grid
 
     lora_dir = folder / "lora"
     summary_path = lora_dir / "training_summary.json"
@@ -110,12 +111,11 @@ def before_after_pairs(folder: Path, n: int, base: str | None, prompts: list[str
     base = base or summary.get("base") or summary.get("config", {}).get("base")
     if not base:
         return "<p>No before/after pairs: the base model is unknown (give --base).</p>", None
+    source = sources.get(base)
     if not prompts:
-        if not str(base).startswith("toy:"):
-            return "<p>No before/after pairs: give --prompt or --prompts for a non-toy base model.</p>", None
-        from spo.toy.world import sample_scenes
-
-        prompts = [s.caption for s in sample_scenes(n, seed=seed + 77, split="heldout")]
+        if source is None:
+            return "<p>No before/after pairs: give --prompt or --prompts (this base model has no built-in prompts).</p>", None
+        prompts = source.heldout_prompts(n, seed + 77)
     prompts = (prompts * n)[:n]
     gen = Generator(base, [parse_lora(str(lora_dir))])
     seeds = [seed + i for i in range(n)]
@@ -124,14 +124,12 @@ def before_after_pairs(folder: Path, n: int, base: str | None, prompts: list[str
     grid = labelled_grid([[b, a] for b, a in zip(before, after)], [f"seed {s}: {p}" for s, p in zip(seeds, prompts)],
                          ["before (base)", "after (base + LoRA)"], f"DDIM 20 steps, CFG 5, {base}")
     rows = None
-    if str(base).startswith("toy:"):
+    if source is not None and source.judge is not None:
         from spo.show.scoring import mean_ci
-        from spo.toy import judge
 
-        aes_b = [judge.aesthetic(im) for im in before]
-        aes_a = [judge.aesthetic(im) for im in after]
-        al_b = [judge.alignment(im, p) for im, p in zip(before, prompts)]
-        al_a = [judge.alignment(im, p) for im, p in zip(after, prompts)]
+        judged_b, judged_a = source.judge(before, prompts), source.judge(after, prompts)
+        aes_b, aes_a = judged_b["aesthetic"], judged_a["aesthetic"]
+        al_b, al_a = judged_b["alignment"], judged_a["alignment"]
         wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(aes_a, aes_b)]
         rows = [["judge aesthetic", _ci_text(mean_ci(aes_b)), _ci_text(mean_ci(aes_a))],
                 ["judge alignment", _ci_text(mean_ci(al_b)), _ci_text(mean_ci(al_a))],

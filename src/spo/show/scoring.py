@@ -266,10 +266,9 @@ def build_scorers(*, judge: bool = False, spm: str | None = None, family: str | 
         f4 = laion_aesthetic_scorer(laion_aesthetic, laion_clip)
         scorers["laion_aesthetic"] = lambda ims, ps: {"laion_aesthetic": f4(ims, ps)}
     if judge or not scorers:
-        from spo.toy import judge as toy_judge
+        from spo import sources
 
-        scorers["judge"] = lambda ims, ps: {"aesthetic": [toy_judge.aesthetic(i) for i in ims],
-                                            "alignment": [float(toy_judge.alignment(i, p)) for i, p in zip(ims, ps)]}
+        scorers["judge"] = sources.default().judge
     return scorers
 
 

@@ -17,10 +17,10 @@ import numpy as np
 
 from spo.errors import SpoInputError
 from spo.io import check_output_dir
+from spo.show.grid import MIN_CELL, labelled_grid  # noqa: F401 - MIN_CELL: part of this module's API
 
 AXES = ("strength", "denoise", "seed", "scheduler", "steps", "cfg", "prompt")
 DEFAULT_STRENGTHS = (-1.0, 0.0, 0.5, 1.0, 1.5, 2.0)
-MIN_CELL = 128  # toy images are 32 px: scale cells up so labels and details are readable
 
 
 def _fmt(axis: str, value) -> str:
@@ -32,62 +32,6 @@ def _fmt(axis: str, value) -> str:
         text = str(value)
         return text if len(text) <= 48 else text[:45] + "..."
     return f"{axis} {value}"
-
-
-def _font(size: int):
-    from PIL import ImageFont
-
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1: the fixed bitmap font
-        return ImageFont.load_default()
-
-
-def _wrap(draw, text: str, font, width: int) -> list[str]:
-    lines, line = [], ""
-    for word in text.split(" "):
-        trial = f"{line} {word}".strip()
-        if line and draw.textlength(trial, font=font) > width:
-            lines.append(line)
-            line = word
-        else:
-            line = trial
-    return lines + ([line] if line else [])
-
-
-def labelled_grid(cells: list[list], row_labels: list[str], col_labels: list[str], title: str = ""):
-    """cells[r][c] PIL images (same size) -> one image with column labels on top, row labels on the left."""
-    from PIL import Image, ImageDraw
-
-    w, h = cells[0][0].size
-    scale = max(1, math.ceil(MIN_CELL / max(w, h)))
-    cw, ch = w * scale, h * scale
-    font = _font(max(12, cw // 10))
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    line_h = int(font.size * 1.3) if hasattr(font, "size") else 14
-    left = min(max(int(max(probe.textlength(t, font=font) for t in row_labels)) + 16, 60), 3 * cw)
-    col_lines = [_wrap(probe, t, font, cw - 8) for t in col_labels]
-    top_cols = max(len(lines) for lines in col_lines) * line_h + 8
-    width = left + cw * len(col_labels)
-    title_lines = _wrap(probe, title, font, width - 16) if title else []
-    top = top_cols + len(title_lines) * line_h + (8 if title_lines else 0)
-    img = Image.new("RGB", (width, top + ch * len(row_labels)), (255, 255, 255))
-    draw = ImageDraw.Draw(img)
-    for i, line in enumerate(title_lines):
-        draw.text((8, 4 + i * line_h), line, fill=(0, 0, 0), font=font)
-    y0 = top - top_cols
-    for c, lines in enumerate(col_lines):
-        for i, line in enumerate(lines):
-            tw = probe.textlength(line, font=font)
-            draw.text((left + c * cw + (cw - tw) / 2, y0 + 4 + i * line_h), line, fill=(0, 0, 0), font=font)
-    for r, label in enumerate(row_labels):
-        lines = _wrap(probe, label, font, left - 12)
-        ly = top + r * ch + (ch - len(lines) * line_h) / 2
-        for i, line in enumerate(lines):
-            draw.text((6, ly + i * line_h), line, fill=(0, 0, 0), font=font)
-        for c in range(len(col_labels)):
-            img.paste(cells[r][c].resize((cw, ch), Image.NEAREST), (left + c * cw, top + r * ch))
-    return img
 
 
 def suggest_strengths(strengths, means, cis, alignment=None, tolerance: float | None = None,
@@ -298,10 +242,9 @@ def _settings(base, config: dict, loras, lora_index: int):
 def _make_scorer(spec: str, family: str | None):
     """"judge" (the toy judge: aesthetic + alignment) or an SPM folder / "module:function" scored at t = 0."""
     if spec in ("judge", "toy"):
-        from spo.toy import judge
+        from spo import sources
 
-        return lambda ims, prompts: {"aesthetic": [judge.aesthetic(i) for i in ims],
-                                     "alignment": [float(judge.alignment(i, p)) for i, p in zip(ims, prompts)]}
+        return sources.default().judge
     from spo.show.scoring import tensor_scorer
 
     fn = tensor_scorer(spec, family)

@@ -11,30 +11,12 @@ from typing import Sequence
 
 import torch
 
+from spo.ddim import add_noise, x0_from_output  # noqa: F401 - add_noise: the DPO trainer imports it from here
 from spo.ddim import cfg as apply_cfg
-from spo.ddim import predicted_x0
-from spo.errors import SpoInputError
-from spo.models.family import encode
+from spo.models.family import encode, native_resolution
 
 
-def add_noise(x0: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
-    """Forward diffusion q(x_t | x_0): sqrt(a_t) x0 + sqrt(1 - a_t) noise."""
-    return alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise
-
-
-def x0_from_output(output: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tensor, prediction_type: str) -> torch.Tensor:
-    """x0-hat from the UNet output for the scheduler's parameterisation."""
-    if prediction_type == "epsilon":
-        return predicted_x0(x_t, output, alpha_bar)
-    if prediction_type == "v_prediction":
-        return alpha_bar.sqrt() * x_t - (1 - alpha_bar).sqrt() * output
-    if prediction_type == "sample":
-        return output
-    raise SpoInputError(f"unsupported scheduler prediction_type {prediction_type!r}")
-
-
-def base_resolution(pipe) -> int:
-    return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
+base_resolution = native_resolution  # the trainers' name for it, until the engine work imports native_resolution
 
 
 def freeze(pipe) -> None:

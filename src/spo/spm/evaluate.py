@@ -14,6 +14,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from spo import sources
 from spo.errors import SpoInputError
 
 DEFAULT_TIMESTEPS = (0, 251, 501, 701, 951)
@@ -65,18 +66,14 @@ def binomial_ci95(acc: float, n: int) -> float:
     return float(1.96 * math.sqrt(max(acc * (1 - acc), 0.0) / n)) if n > 0 and math.isfinite(acc) else float("nan")
 
 
-def judge_aesthetic_pairs(pairs) -> np.ndarray:
-    """(n, 2) toy-judge aesthetic scores of both images of each pair."""
-    from spo.toy import judge
-
-    return np.array([[judge.aesthetic(im) for im in p.decode()] for p in pairs]).reshape(-1, 2)
+def judge_aesthetic_pairs(pairs, judge) -> np.ndarray:
+    """(n, 2) judge aesthetic scores of both images of each pair (`judge`: a model source's judge)."""
+    return np.array([judge(p.decode(), [p.caption] * 2)["aesthetic"] for p in pairs]).reshape(-1, 2)
 
 
-def judge_alignment_pairs(pairs) -> np.ndarray:
-    """(n, 2) toy-judge alignment (0/1) of both images of each pair with the pair's caption."""
-    from spo.toy import judge
-
-    return np.array([[judge.alignment(im, p.caption) for im in p.decode()] for p in pairs]).reshape(-1, 2)
+def judge_alignment_pairs(pairs, judge) -> np.ndarray:
+    """(n, 2) judge alignment (0/1) of both images of each pair with the pair's caption."""
+    return np.array([judge(p.decode(), [p.caption] * 2)["alignment"] for p in pairs]).reshape(-1, 2)
 
 
 def evaluate(spm_paths: Sequence[str | Path], data: Sequence[str | Path], *, base: str | None = None,
@@ -114,6 +111,12 @@ def evaluate(spm_paths: Sequence[str | Path], data: Sequence[str | Path], *, bas
         raise SpoInputError(f"--min-judge-gap must be >= 0, got {min_judge_gap}")
     if against not in ("labels", "judge"):
         raise SpoInputError(f"--against must be 'labels' or 'judge', got {against!r}")
+    base = base or sources.DEFAULT_SOURCE
+    source = sources.get(base)
+    judge = source.judge if source is not None else None
+    if judge is None and (min_judge_gap is not None or against == "judge" or same_judge_alignment):
+        raise SpoInputError(f"{base}: no judge for this base model (--against judge, --min-judge-gap and "
+                            "--same-judge-alignment need a built-in model with one)")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     pipe = load_pipeline(base)
@@ -130,11 +133,11 @@ def evaluate(spm_paths: Sequence[str | Path], data: Sequence[str | Path], *, bas
     n_filtered = 0
     aligned = None
     if min_judge_gap is not None or against == "judge" or same_judge_alignment:
-        judged = judge_aesthetic_pairs(decided)
+        judged = judge_aesthetic_pairs(decided, judge)
         keep = np.abs(judged[:, 0] - judged[:, 1]) >= (min_judge_gap or 0.0)
         keep &= judged[:, 0] != judged[:, 1]
         if same_judge_alignment:
-            aligned = judge_alignment_pairs(decided)
+            aligned = judge_alignment_pairs(decided, judge)
             keep &= aligned[:, 0] == aligned[:, 1]
         n_filtered = int(len(decided) - keep.sum())
         decided = [p for p, k in zip(decided, keep) if k]
@@ -147,8 +150,9 @@ def evaluate(spm_paths: Sequence[str | Path], data: Sequence[str | Path], *, bas
     references = {}
     if against == "judge":
         preferred = (judged[: len(decided), 1] > judged[: len(decided), 0]).astype(int)
-        references = rater_references(decided, judged[: len(decided)], preferred,
-                                      None if aligned is None else aligned[: len(decided)])
+        if source.rater_references is not None:
+            references = source.rater_references(decided, judged[: len(decided)], preferred,
+                                                 None if aligned is None else aligned[: len(decided)])
     else:
         preferred = np.array([p.preferred for p in decided])
 
@@ -190,30 +194,12 @@ def evaluate(spm_paths: Sequence[str | Path], data: Sequence[str | Path], *, bas
                            "ci95": {k: v[1] for k, v in diffs.items()}})
     return {"timesteps": timesteps, "n_pairs": len(decided), "ties_excluded": n_ties,
             "against": against, "judge_gap": min_judge_gap, "same_judge_alignment": same_judge_alignment,
-            "filtered_by_judge_gap": n_filtered, "base_model": str(base or "toy:sd15"),
+            "filtered_by_judge_gap": n_filtered, "base_model": str(base),
             "family": family, "seed": seed, "cfg_scale": cfg_scale, "data": [str(f) for f in summary.files],
             "models": models, "paired": paired, "references": references}
 
 
-def rater_references(pairs, judged: np.ndarray, preferred: np.ndarray, aligned: np.ndarray | None = None) -> dict:
-    """Toy world: how often the rater's labels, and the rater's utility without its mood noise, agree with the
-    judge's aesthetic order on these pairs. The second is what a scorer that learned the labels perfectly would
-    score against the judge: the rater weighs alignment first, so where one image misses its caption the two
-    orders part."""
-    from spo.toy.pairs import rate
-
-    aligned = judge_alignment_pairs(pairs) if aligned is None else aligned
-    calm = np.random.default_rng(0)  # with noise = 0 it is never drawn from
-    utility = np.array([rate(a[0], a[1], int(l[0]), int(l[1]), calm, noise=0.0, tie_band=0.0)[1]
-                        for a, l in zip(judged, aligned)])
-    labelled = [i for i, p in enumerate(pairs) if not p.is_tie]
-    return {"rater_labels": {"accuracy": pairwise_accuracy(*_as_scores([pairs[i].preferred for i in labelled]),
-                                                           preferred[labelled]), "n": len(labelled)},
-            "rater_utility_without_noise": {"accuracy": pairwise_accuracy(*_as_scores(utility), preferred), "n": len(pairs)},
-            "unequally_aligned": float(np.mean(aligned[:, 0] != aligned[:, 1]))}
-
-
-def _as_scores(second_wins) -> tuple[np.ndarray, np.ndarray]:
+def as_scores(second_wins) -> tuple[np.ndarray, np.ndarray]:
     """A 0/1 (or 0.5 for a tie) 'image 1 is preferred' vector as a pair of scores for pairwise_accuracy."""
     w = np.asarray(second_wins, dtype=np.float64)
     return 1.0 - w, w

@@ -32,7 +32,6 @@ WEIGHTS_NAME = "model.safetensors"
 TOKENIZER_DIR = "tokenizer"
 FORMAT = "spo-step-aware-preference-model"
 FORMAT_VERSION = 1
-FAMILIES = ("sd15", "sdxl")
 
 # OpenAI CLIP preprocessing statistics (also PickScore's / CLIP-ViT-H-14's).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

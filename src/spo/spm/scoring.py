@@ -12,6 +12,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from spo import sources
 from spo.errors import SpoInputError
 from spo.spm.model import CONFIG_NAME, StepAwarePreferenceModel, check_family
 
@@ -40,7 +41,9 @@ def is_clip_dir(path: str | Path) -> bool:
 
 
 def load_spm(path: str | Path, *, family: str | None = None, device=None) -> StepAwarePreferenceModel:
-    """Load a saved SPM for inference (eval mode, no gradients); refuse one trained for another family."""
+    """Load a saved SPM for inference (eval mode, no gradients); refuse one trained for another family.
+    A built-in model's name stands for its default preference SPM."""
+    path = sources.preference_spec(path)
     spm_dir = find_spm_dir(path)
     if spm_dir is None:
         raise SpoInputError(f"{path}: not a step-aware preference model folder (no {CONFIG_NAME})")
@@ -53,8 +56,8 @@ def load_spm(path: str | Path, *, family: str | None = None, device=None) -> Ste
 
 def load_scorer(spec: str | Path, *, family: str | None = None, device=None) -> Scorer:
     """An SPM folder, a transformers CLIP folder (a clean-image scorer such as PickScore_v1: t is ignored),
-    or "package.module:function" naming a scorer callable."""
-    text = str(spec)
+    "package.module:function" naming a scorer callable, or a built-in model's name (its default preference model)."""
+    text = str(sources.preference_spec(spec))
     if find_spm_dir(text) is not None:
         return load_spm(text, family=family, device=device)
     if is_clip_dir(text):
@@ -123,5 +126,6 @@ def _timesteps(timesteps, n: int) -> torch.Tensor:
         raise SpoInputError(f"{n} items but {t.shape[0]} timesteps")
     return t
 
-# The toy SPMs shipped with the package, one per toy base model (trained with `spo spm train`).
+# The toy SPMs shipped with the package: kept for the trainers until the engine work reads
+# `spo.sources.get(base).preference` instead (then delete; the toy plugin has its own).
 TOY_SPM_DIR = Path(__file__).resolve().parent.parent / "assets" / "toy_spm"

@@ -58,7 +58,8 @@ def sibling_agreement(pipe, scorers: Mapping[str, Scorer], references: Mapping[s
 
     from spo.ddim import predicted_x0
     from spo.models.family import encode, guided_eps
-    from spo.sampling.resampler import ddim_step, sample_plain, schedule
+    from spo.ddim import ddim_step
+    from spo.sampling.resampler import sample_plain, schedule
     from spo.spm.denoise import vae_decode
     from spo.spm.scoring import score_images
 

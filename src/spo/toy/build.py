@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from spo.ddim import add_noise
 from spo.models.family import encode, trainable_text_encoders
 from spo.toy.defaults import MODELS as DEFAULT_BUDGET, TOY_MODEL_DIR
 from spo.toy.models import fresh_pipeline
@@ -99,7 +100,7 @@ def train_denoiser(pipe, latents: torch.Tensor, captions: list[str], steps: int,
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (batch,), generator=g)
         noise = torch.randn(z0.shape, generator=g)
         a = alphas[t].view(-1, 1, 1, 1)
-        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        zt = add_noise(z0, noise, a)
         prompts = [captions[i] for i in idx.tolist()]
         drop = torch.rand(batch, generator=g) < 0.1
         cond = encode(pipe, prompts)

@@ -21,7 +21,7 @@ def before_after(base: str, lora: str | Path, n: int = 256, seed: int = 0, out: 
     """Judge figures of the base and of base + LoRA; the gain is in units of the base's per-image std."""
     from spo.io import save_image, write_json
     from spo.models.loading import load_pipeline
-    from spo.toy.sampling import grid
+    from spo.show.grid import image_grid
 
     pipe = load_pipeline(base)
     before, images_before = evaluate_pipeline(pipe, n, seed)
@@ -50,5 +50,5 @@ def before_after(base: str, lora: str | Path, n: int = 256, seed: int = 0, out: 
         out = Path(out)
         write_json(out / "before_after.json", report)
         pairs = [im for ab in zip(images_before[:32], images_after[:32]) for im in ab]
-        save_image(grid(pairs, cols=8), out / "before_after.png")
+        save_image(image_grid(pairs, cols=8, scale=4), out / "before_after.png")
     return report

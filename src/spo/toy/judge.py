@@ -356,6 +356,12 @@ def alignment_batch(images: Sequence[Image.Image | np.ndarray], captions: Sequen
 # ------------------------------------------------------------------------------------- as a scorer
 
 
+def columns(images, prompts: Sequence[str]) -> dict[str, list[float]]:
+    """The judge as a model source's `judge`: aesthetic and alignment (0/1) of each PIL image."""
+    return {"aesthetic": [aesthetic(i) for i in images],
+            "alignment": [float(alignment(i, p)) for i, p in zip(images, prompts)]}
+
+
 def preference(images, prompts: Sequence[str], timesteps=None, w_align: float = 2.0):
     """The judge as an SPO scorer (`--preference spo.toy.judge:preference`): the simulated rater's utility,
     w_align * alignment + aesthetic, without its noise. Images in [-1, 1] as [B, 3, H, W]; t is ignored.

@@ -9,7 +9,6 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from spo.tokenizer import VOCAB_SIZE, load_clip_tokenizer
 from spo.toy.world import IMAGE_SIZE
 
-FAMILIES = ("sd15", "sdxl")
 TEXT_WIDTH = 32
 
 

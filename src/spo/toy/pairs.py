@@ -88,3 +88,21 @@ def _jpeg(image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="JPEG", quality=95)
     return buf.getvalue()
+
+
+def rater_references(pairs, judged: np.ndarray, preferred: np.ndarray, aligned: np.ndarray | None = None) -> dict:
+    """How often the rater's labels, and the rater's utility without its mood noise, agree with the judge's
+    aesthetic order on these pairs. The second is what a scorer that learned the labels perfectly would score
+    against the judge: the rater weighs alignment first, so where one image misses its caption the two orders part."""
+    from spo.spm.evaluate import as_scores, judge_alignment_pairs, pairwise_accuracy
+    from spo.toy.judge import columns
+
+    aligned = judge_alignment_pairs(pairs, columns) if aligned is None else aligned
+    calm = np.random.default_rng(0)  # with noise = 0 it is never drawn from
+    utility = np.array([rate(a[0], a[1], int(l[0]), int(l[1]), calm, noise=0.0, tie_band=0.0)[1]
+                        for a, l in zip(judged, aligned)])
+    labelled = [i for i, p in enumerate(pairs) if not p.is_tie]
+    return {"rater_labels": {"accuracy": pairwise_accuracy(*as_scores([pairs[i].preferred for i in labelled]),
+                                                           preferred[labelled]), "n": len(labelled)},
+            "rater_utility_without_noise": {"accuracy": pairwise_accuracy(*as_scores(utility), preferred), "n": len(pairs)},
+            "unequally_aligned": float(np.mean(aligned[:, 0] != aligned[:, 1]))}

@@ -5,15 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
-from PIL import Image
 
+from spo.models.family import FAMILIES
+from spo.models.family import get as get_family
+from spo.sampling.images import sample_native, spread_seeds
+from spo.show.grid import image_grid
 from spo.toy.defaults import TOY_MODEL_DIR
-from spo.toy.models import FAMILIES
 
 
 def load_toy_pipeline(family: str = "sd15", path: str | Path | None = None):
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import DDIMScheduler
 
     from spo.errors import SpoInputError
 
@@ -22,8 +23,7 @@ def load_toy_pipeline(family: str = "sd15", path: str | Path | None = None):
     folder = Path(path) if path else TOY_MODEL_DIR / family
     if not (folder / "model_index.json").is_file():
         raise SpoInputError(f"{folder}: no toy model here (run `spo toy build` first)")
-    cls = StableDiffusionPipeline if family == "sd15" else StableDiffusionXLPipeline
-    pipe = cls.from_pretrained(folder, local_files_only=True)
+    pipe = get_family(family).pipeline_cls().from_pretrained(folder, local_files_only=True)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -31,17 +31,7 @@ def load_toy_pipeline(family: str = "sd15", path: str | Path | None = None):
 
 def sample(pipe, prompts: list[str], seed: int, steps: int = 20, cfg: float = 5.0, batch: int = 32, eta: float = 0.0):
     """One image per prompt; image i depends only on (seed, i), so arms compare seed for seed."""
-    from tqdm.auto import tqdm
-
-    side = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    images = []
-    for start in tqdm(range(0, len(prompts), batch), desc="sampling", unit="batch"):
-        chunk = prompts[start : start + batch]
-        gens = [torch.Generator().manual_seed(seed * 1_000_003 + start + i) for i in range(len(chunk))]
-        out = pipe(chunk, num_inference_steps=steps, guidance_scale=cfg, generator=gens, eta=eta,
-                   height=side, width=side, output_type="pil")
-        images.extend(out.images)
-    return images
+    return sample_native(pipe, prompts, spread_seeds(seed, len(prompts)), steps=steps, cfg=cfg, eta=eta, batch=batch)
 
 
 def judge_images(images, prompts) -> dict:
@@ -60,10 +50,6 @@ def judge_images(images, prompts) -> dict:
     }
 
 
-def grid(images, cols: int = 8, scale: int = 4) -> Image.Image:
-    w, h = images[0].size
-    rows = (len(images) + cols - 1) // cols
-    g = Image.new("RGB", (cols * w, rows * h), (255, 255, 255))
-    for i, im in enumerate(images):
-        g.paste(im, ((i % cols) * w, (i // cols) * h))
-    return g.resize((cols * w * scale, rows * h * scale), Image.NEAREST)
+def grid(images, cols: int = 8, scale: int = 4):
+    """Kept for the trainers until the engine work calls spo.show.grid.image_grid itself (then delete)."""
+    return image_grid(images, cols=cols, scale=scale)

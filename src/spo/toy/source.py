@@ -49,6 +49,18 @@ def _prompt_warning(prompt: str) -> str | None:
             "like 'a large red circle on a white background, in the center'")
 
 
+def _rater_references(pairs, judged, preferred, aligned=None) -> dict:
+    from spo.toy.pairs import rater_references
+
+    return rater_references(pairs, judged, preferred, aligned)
+
+
+def _judge_columns(images, prompts) -> dict[str, list[float]]:
+    from spo.toy.judge import columns
+
+    return columns(images, prompts)
+
+
 def _spm_init(time_conditioning: bool = True):
     from spo.spm.model import StepAwarePreferenceModel
 
@@ -56,7 +68,7 @@ def _spm_init(time_conditioning: bool = True):
 
 
 def _source(family: str) -> ModelSource:
-    from spo.toy.defaults import TOY_SPM_DIR
+    from spo.toy.defaults import TOY_MODEL_DIR, TOY_SPM_DIR
 
     name = f"toy:{family}"
     return ModelSource(name=name, family=family, load_pipeline=partial(_pipeline, family),
@@ -64,7 +76,9 @@ def _source(family: str) -> ModelSource:
                        preference=str(TOY_SPM_DIR / family), reference="spo.toy.judge:aesthetic_preference",
                        references=("spo.toy.judge:alignment_preference",), make_pairs=_make_pairs,
                        evaluate=partial(_evaluate, name), spm_init=_spm_init, report_pairs=8,
-                       prompt_warning=_prompt_warning)
+                       prompt_warning=_prompt_warning, judge=_judge_columns, rater_references=_rater_references,
+                       config_dir=TOY_MODEL_DIR / family)
 
 
 SOURCES = [_source("sd15"), _source("sdxl")]
+COMMANDS = {"toy": "spo.toy.cli"}

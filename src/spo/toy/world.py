@@ -15,24 +15,12 @@ from dataclasses import dataclass
 import numpy as np
 
 SHAPES = ("circle", "square", "triangle", "diamond")
-COLORS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 40, 40),
-    "orange": (245, 140, 20),
-    "yellow": (240, 220, 40),
-    "green": (40, 170, 60),
-    "cyan": (40, 205, 215),
-    "blue": (40, 80, 230),
-    "purple": (140, 50, 200),
-    "pink": (250, 130, 190),
-}
+COLORS: dict[str, tuple[int, int, int]] = {  # RGB
+    "red": (220, 40, 40), "orange": (245, 140, 20), "yellow": (240, 220, 40), "green": (40, 170, 60),
+    "cyan": (40, 205, 215), "blue": (40, 80, 230), "purple": (140, 50, 200), "pink": (250, 130, 190)}
 BACKGROUNDS: dict[str, tuple[int, int, int]] = {
-    "white": (240, 240, 240),
-    "black": (15, 15, 15),
-    "gray": (128, 128, 128),
-    "navy": (20, 30, 85),
-    "brown": (105, 65, 30),
-    "olive": (90, 100, 30),
-}
+    "white": (240, 240, 240), "black": (15, 15, 15), "gray": (128, 128, 128), "navy": (20, 30, 85),
+    "brown": (105, 65, 30), "olive": (90, 100, 30)}
 SIZES: dict[str, float] = {"small": 0.28, "large": 0.46}  # shape extent as a fraction of the image side
 POSITIONS: dict[str, tuple[float, float]] = {  # (x, y) of the shape's centre as fractions of the side
     "in the center": (0.5, 0.5),
