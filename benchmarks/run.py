@@ -136,10 +136,14 @@ def _iteration_arm(arm: str, family: str, iterations: int, batch: int) -> dict:
 
 
 def _bench_scorer(family: str):
-    from spo.spm.scoring import TOY_SPM_DIR, load_scorer
+    from pathlib import Path
 
-    if (TOY_SPM_DIR / family).is_dir():
-        return load_scorer(str(TOY_SPM_DIR / family), family=family)
+    from spo.sources import get
+    from spo.spm.scoring import load_scorer
+
+    shipped = get(f"toy:{family}").preference
+    if Path(shipped).is_dir():
+        return load_scorer(shipped, family=family)
     from spo.spm.model import StepAwarePreferenceModel  # same cost as a trained one
 
     return StepAwarePreferenceModel.toy().eval().requires_grad_(False)

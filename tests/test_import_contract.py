@@ -23,12 +23,6 @@ CLI_IMPORTERS = ("spo/__main__.py", "spo/toy/cli.py")  # the entry point, and th
 # spo.toy, mention "toy:" and close the cycles that their imports make. Delete each entry when its file is done;
 # a stale entry fails test_exemptions_are_still_needed.
 BEING_CONVERTED = (
-    "spo/train/spo_recipe.py",
-    "spo/train/dpo_recipe.py",
-    "spo/train/config.py",
-    "spo/spm/train.py",
-    "spo/cli/train_cmd.py",
-    "spo/cli/spm_cmd.py",  # the `spm train` subcommand's --base help
 )
 
 

@@ -16,6 +16,7 @@ import torch
 from spo.errors import SpoInputError
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # diffusers' scheduler `prediction_type` values
+NUM_TRAIN_TIMESTEPS = 1000  # the training timesteps of the SD1.5 and SDXL schedulers
 
 
 def add_noise(x0: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:

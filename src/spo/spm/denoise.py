@@ -11,12 +11,11 @@ from typing import Sequence
 
 import torch
 
-from spo.ddim import add_noise, x0_from_output  # noqa: F401 - add_noise: the DPO trainer imports it from here
+from spo.ddim import add_noise, x0_from_output
 from spo.ddim import cfg as apply_cfg
 from spo.models.family import encode, native_resolution
 
 
-base_resolution = native_resolution  # the trainers' name for it, until the engine work imports native_resolution
 
 
 def freeze(pipe) -> None:

@@ -94,10 +94,11 @@ def evaluate(spm_paths: Sequence[str | Path], data: Sequence[str | Path], *, bas
     from spo.data.pickapic import read_pairs
     from spo.models.family import family_of
     from spo.models.loading import load_pipeline
-    from spo.spm.denoise import base_resolution, freeze, predicted_pair_images
+    from spo.models.family import native_resolution
+    from spo.spm.denoise import freeze, predicted_pair_images
     from spo.spm.scoring import load_spm
     from spo.data.images import pair_tensors
-    from spo.train.config import NUM_TRAIN_TIMESTEPS
+    from spo.ddim import NUM_TRAIN_TIMESTEPS
 
     if not spm_paths:
         raise SpoInputError("give at least one SPM folder to evaluate")
@@ -123,7 +124,7 @@ def evaluate(spm_paths: Sequence[str | Path], data: Sequence[str | Path], *, bas
     freeze(pipe)
     pipe.to(dev)
     family = family_of(pipe)
-    side = base_resolution(pipe)
+    side = native_resolution(pipe)
     spms = [load_spm(p, family=family, device=dev) for p in spm_paths]
 
     pairs, summary = read_pairs(data)

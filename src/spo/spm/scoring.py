@@ -125,7 +125,3 @@ def _timesteps(timesteps, n: int) -> torch.Tensor:
     if t.shape[0] != n:
         raise SpoInputError(f"{n} items but {t.shape[0]} timesteps")
     return t
-
-# The toy SPMs shipped with the package: kept for the trainers until the engine work reads
-# `spo.sources.get(base).preference` instead (then delete; the toy plugin has its own).
-TOY_SPM_DIR = Path(__file__).resolve().parent.parent / "assets" / "toy_spm"

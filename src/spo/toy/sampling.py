@@ -9,7 +9,6 @@ import numpy as np
 from spo.models.family import FAMILIES
 from spo.models.family import get as get_family
 from spo.sampling.images import sample_native, spread_seeds
-from spo.show.grid import image_grid
 from spo.toy.defaults import TOY_MODEL_DIR
 
 
@@ -49,7 +48,3 @@ def judge_images(images, prompts) -> dict:
         "per_image": {"aesthetic": aes.tolist(), "alignment": ali.tolist()},
     }
 
-
-def grid(images, cols: int = 8, scale: int = 4):
-    """Kept for the trainers until the engine work calls spo.show.grid.image_grid itself (then delete)."""
-    return image_grid(images, cols=cols, scale=scale)

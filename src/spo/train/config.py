@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
+from spo.ddim import NUM_TRAIN_TIMESTEPS
 from spo.errors import SpoInputError
 from spo.sources import DEFAULT_SOURCE
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
-NUM_TRAIN_TIMESTEPS = 1000  # the schedulers of SD1.5 and SDXL
 LR_SCHEDULES = ("constant", "cosine")
 PRESET_DIR = Path(__file__).resolve().parent.parent / "assets" / "configs" / "presets"
 
@@ -48,7 +48,7 @@ class RunConfig:
         "checkpoint_every_batches", "checkpoint_every_steps", "save_every_epochs", "validation_images", "epochs",
         "max_train_steps", "train_micro_batch", "gradient_checkpointing")
 
-    base: str = opt(DEFAULT_SOURCE, "base model: a built-in name (toy:sd15, toy:sdxl), a diffusers folder or a "
+    base: str = opt(DEFAULT_SOURCE, "base model: a built-in name (the embedded toy models), a diffusers folder or a "
                                     "single-file checkpoint (.safetensors)")
     output_dir: str = opt("outputs/run", "output folder (checkpoints, logs, results)")
     seed: int = opt(0, "seed of every random draw (same seed, same result on CPU)")
@@ -89,6 +89,8 @@ class FinetuneConfig(RunConfig):
 
 @dataclass
 class SPOConfig(FinetuneConfig):
+    """SPO: the step-wise resampler's sampling, the preference model that judges it, the clipped-ratio loss."""
+
     SECTION: ClassVar[str] = "spo"
 
     output_dir: str = opt("outputs/spo", "output folder: LoRA, checkpoints, samples, logs, history")
@@ -106,37 +108,43 @@ class SPOConfig(FinetuneConfig):
     num_inner_steps: int = opt(0, "SDXL recipe: steps each branch continues before judging (paper: 3)")
     sample_batch_size: int = opt(10, "prompts per sampling batch, per process")
     beta: float = opt(10.0, "beta of the SPO loss")
-    clip_eps: float = opt(0.1, "ratio clipping band of the SPO loss")
+    clip_eps: float = opt(0.1, "ratio clipping band of the SPO loss: p_theta / p_ref is clamped to "
+                               "[1 - clip_eps, 1 + clip_eps] (paper: 0.1)")
 
 
 @dataclass
-class DPOConfig(FinetuneConfig):
+class PairsConfig:
+    """Offline Pick-a-Pic-schema pairs: what Diffusion-DPO and the SPM trainer read."""
+
+    data: list[str] = opt([], "Pick-a-Pic-schema pairs: parquet files, folders of them, datasets save_to_disk folders "
+                              "(spo dpo on a built-in base: default pairs made from its samples)")
+    train_batch_size: int = opt(16, "pairs per batch per process")
+
+
+@dataclass
+class DPOConfig(FinetuneConfig, PairsConfig):
     """Diffusion-DPO (the baseline) on offline Pick-a-Pic-schema pairs."""
 
     SECTION: ClassVar[str] = "dpo"
 
     output_dir: str = opt("outputs/dpo", "output folder: LoRA, checkpoints, samples, logs, history")
-    data: list[str] = opt([], "Pick-a-Pic-schema pairs: parquet files or folders; default for a built-in base: "
-                              "pairs made from its samples")
     dpo_beta: float = opt(5000.0, "beta of the Diffusion-DPO loss")
     max_pairs: int = opt(0, "use the first this many non-tie pairs (0: all)")
-    train_batch_size: int = opt(16, "pairs per process per batch")
     caption_dropout: float = opt(0.0, "probability of training a pair on the empty caption")
 
 
 @dataclass
-class SPMConfig(RunConfig):
+class SPMConfig(RunConfig, PairsConfig):
     """The step-aware preference model's trainer (`spo spm train`)."""
 
     SECTION: ClassVar[str] = "spm"
 
     output_dir: str = opt("outputs/spm", "output folder: spm/ (the model), checkpoints/, logs/")
-    data: list[str] = opt([], "Pick-a-Pic-schema pairs: parquet files, folders, datasets save_to_disk folders")
     init: str = opt("", "start from: a transformers CLIP folder (e.g. PickScore_v1) or an SPM folder; default for "
                         "a built-in base: its tiny fresh CLIP")
     time_conditioning: bool = opt(True, "modulate the vision layers by the timestep (false: the untimed variant)")
     max_train_steps: int = opt(200, "optimizer steps")
-    train_batch_size: int = opt(8, "pairs per batch per process")
+    train_batch_size: int = opt(8, "pairs per batch per process")  # PairsConfig's, with the SPM's default
     learning_rate: float = opt(3e-6, "AdamW learning rate (paper: 3e-6 SD1.5, 1e-6 SDXL)")
     weight_decay: float = opt(0.3, "AdamW weight decay (paper: 0.3)")
     lr_warmup_steps: int = opt(500, "linear learning-rate warm-up, in optimizer steps (paper: 500)")
@@ -256,11 +264,11 @@ def _checks(cfg: RunConfig) -> list[tuple[bool, str, str]]:
                   (cfg.max_prompts >= 0, "max_prompts", "must be >= 0")]
     if isinstance(cfg, DPOConfig):
         rules += [(cfg.dpo_beta > 0, "dpo_beta", "must be positive"), (cfg.max_pairs >= 0, "max_pairs", "must be >= 0"),
-                  (cfg.train_batch_size > 0, "train_batch_size", "must be positive"),
                   (0 <= cfg.caption_dropout < 1, "caption_dropout", "must be in [0, 1)")]
+    if isinstance(cfg, PairsConfig):
+        rules.append((cfg.train_batch_size > 0, "train_batch_size", "must be positive"))
     if isinstance(cfg, SPMConfig):
-        rules += [(getattr(cfg, k) > 0, k, "must be positive") for k in ("max_train_steps", "train_batch_size",
-                                                                          "log_every")]
+        rules += [(getattr(cfg, k) > 0, k, "must be positive") for k in ("max_train_steps", "log_every")]
         rules += [(1 <= cfg.max_t <= NUM_TRAIN_TIMESTEPS, "max_t", f"must be in [1, {NUM_TRAIN_TIMESTEPS}]"),
                   (cfg.cfg_scale >= 0, "cfg_scale", "must be >= 0"),
                   (cfg.checkpoint_every_steps >= 0, "checkpoint_every_steps", "must be >= 0"),

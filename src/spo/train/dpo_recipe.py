@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from spo.ddim import add_noise
 from spo.errors import SpoInputError
 from spo.losses import diffusion_dpo_loss
 from spo.models.family import Conditioning, encode, family_of
@@ -89,10 +90,11 @@ def prepare_batch(pipe, items: list[tuple[str, bytes, bytes]], generators: list[
 
     from PIL import Image
 
-    from spo.spm.denoise import base_resolution, vae_encode
+    from spo.models.family import native_resolution
+    from spo.spm.denoise import vae_encode
     from spo.data.images import images_to_tensor
 
-    side = base_resolution(pipe)
+    side = native_resolution(pipe)
     device = pipe.unet.device
     latents_w, latents_l = [], []
     micro = cfg.train_micro_batch
@@ -120,8 +122,6 @@ def prepare_batch(pipe, items: list[tuple[str, bytes, bytes]], generators: list[
 def noise_errors(unet, batch: DPOBatch, alphas_cumprod: torch.Tensor, weight_dtype=torch.float32
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample MSE of the noise prediction for the winners and the losers (one UNet batch for both)."""
-    from spo.spm.denoise import add_noise
-
     a = alphas_cumprod[batch.timesteps].float().view(-1, 1, 1, 1)
     noisy = add_noise(torch.cat([batch.latents_w, batch.latents_l]), torch.cat([batch.noise, batch.noise]),
                       torch.cat([a, a]))

@@ -159,13 +159,15 @@ def validation_grid(pipe, unet, prompts: list[str], cfg: FinetuneConfig, target:
     if not prompts:
         return
     from spo.io import save_image
-    from spo.toy.sampling import grid, sample
+    from spo.sampling.images import sample_native, spread_seeds
+    from spo.show.grid import image_grid
 
     was_training = unet.training
     unet.eval()
-    images = sample(pipe, prompts, seed=cfg.seed, steps=20, cfg=5.0, batch=16)
+    seeds = spread_seeds(cfg.seed, len(prompts))
+    images = sample_native(pipe, prompts, seeds, steps=20, cfg=5.0, batch=16, progress=False)
     unet.train(was_training)
-    save_image(grid(images, scale=max(1, 128 // images[0].size[0])), target)
+    save_image(image_grid(images, cols=8, scale=max(1, 128 // images[0].size[0])), target)
 
 
 # ------------------------------------------------------------------------------------------ the method

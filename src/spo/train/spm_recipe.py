@@ -159,9 +159,9 @@ def train(cfg: SPMConfig) -> dict:
     from accelerate.utils import set_seed
 
     from spo.data.pickapic import examples_per_prompt
-    from spo.models.family import family_of
+    from spo.models.family import family_of, native_resolution
     from spo.models.loading import load_pipeline
-    from spo.spm.denoise import base_resolution, freeze
+    from spo.spm.denoise import freeze
 
     run = open_run(cfg, "spm")
     with run:
@@ -170,7 +170,7 @@ def train(cfg: SPMConfig) -> dict:
         pipe = load_pipeline(cfg.base)
         freeze(pipe)
         pipe.to(run.device)
-        family, side = family_of(pipe), base_resolution(pipe)
+        family, side = family_of(pipe), native_resolution(pipe)
         labels, relabel_info = ([p.label_0 for p in pairs], [p.label_1 for p in pairs]), None
         if cfg.relabel_with:
             from spo.spm.scoring import load_scorer

@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from spo.ddim import ddim_mean, ddim_sigma, gaussian_log_prob, predicted_x0
+from spo.ddim import ddim_sigma, ddim_transition_mean, gaussian_log_prob
 from spo.errors import SpoInputError
 from spo.losses import spo_loss
 from spo.models.family import Conditioning, encode, family_of, guided_eps
@@ -44,8 +44,8 @@ def transition_log_probs(unet, pairs: Pairs, cond: Conditioning, uncond: Conditi
     t = pairs.timestep if shared else torch.cat([pairs.timestep, pairs.timestep])
     rep = 1 if shared else 2
     eps = guided_eps(unet, parents, t, cond.index(rows), uncond.index(rows), cfg_scale).float()
-    mean = ddim_mean(predicted_x0(parents.float(), eps, at.repeat(rep, 1, 1, 1)), eps, ap.repeat(rep, 1, 1, 1),
-                     sigma.repeat(rep, 1, 1, 1))
+    mean = ddim_transition_mean(parents.float(), eps, at.repeat(rep, 1, 1, 1), ap.repeat(rep, 1, 1, 1),
+                                sigma.repeat(rep, 1, 1, 1))
     mean_w, mean_l = (mean, mean) if shared else mean.chunk(2)
     return gaussian_log_prob(pairs.sample_w.float(), mean_w, sigma), gaussian_log_prob(pairs.sample_l.float(), mean_l, sigma)
 
