@@ -16,6 +16,7 @@ Which interval each function gives:
 - `proportion_half_width(p, n)`: the normal-approximation (Wald) half-width 1.96 * sqrt(p (1 - p) / n). Only for
   the saved fields that have always been a symmetric "+-" half-width (`spo spm eval` accuracies, sibling
   agreement, the toy sampler's alignment) so that their meaning does not change; print ranges with Wilson.
+- `win_fractions(a, b)`: the one win rate's per-pair terms (1 / 0.5 for a tie / 0); its interval is Wilson's.
 - `mean_summary(values)`: the dict `spo score` saves ({n, mean, std, ci95: [low, high], ci95_half_width,
   interval}); `proportion=True` gives the Wilson interval of 0/1 (or 0 / 0.5 / 1) values.
 
@@ -157,6 +158,14 @@ def proportion_half_width(p: float, n: int) -> float:
     if n <= 0 or not math.isfinite(p):
         return float("nan")
     return float(Z95 * math.sqrt(max(p * (1 - p), 0.0) / n))
+
+
+def win_fractions(a, b) -> np.ndarray:
+    """Per matched pair: 1 where a scores higher than b, 0.5 for a tie, 0 where lower. Their mean is the
+    project's one win rate (`proportion_interval` gives its Wilson interval)."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    return np.where(a > b, 1.0, np.where(a < b, 0.0, 0.5))
 
 
 def mean_summary(values, bounds: tuple[float, float] | None = None, proportion: bool = False) -> dict:

@@ -1,4 +1,4 @@
-"""Score a folder of images with the scorers at hand; summaries with 95% CIs; seed-matched win rates.
+"""Score a folder of images with the scorers at hand; summaries with 95% intervals (spo.stats); seed-matched win rates.
 
 Scorers: the toy judge (aesthetic + alignment; exact for toy captions), a step-aware preference model at
 t = 0 (or any "module:function" scorer), and, when the user has the weights locally, PickScore (a CLIPModel
@@ -14,12 +14,12 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import re
 from pathlib import Path
 
 import numpy as np
 
+from spo import stats
 from spo.errors import SpoInputError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -125,16 +125,17 @@ def _load_pil(paths):
 
 
 def tensor_scorer(spec: str, family: str | None = None):
-    """An SPM folder or "module:function" (spo.spm.scoring.load_scorer) as f(PIL images, prompts) -> [float] at t = 0."""
+    """A scorer of the one protocol (spo.spm.scoring.Scorer: an SPM, CLIP folder or "module:function") as
+    f(PIL images, prompts) -> [float], scored at t = 0."""
     import torch
 
+    from spo.images import images_to_tensor
     from spo.spm.scoring import load_scorer, score_images
 
     scorer = load_scorer(spec, family=family)
 
     def score(images, prompts):
-        x = torch.stack([torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32)).permute(2, 0, 1)
-                         for im in images]) / 127.5 - 1.0
+        x = images_to_tensor(images)
         return score_images(scorer, x, prompts, torch.zeros(len(images), dtype=torch.long)).tolist()
 
     return score
@@ -291,14 +292,8 @@ def score_records(records: list[dict], scorers: dict, chunk: int = 16, desc: str
     return rows
 
 
-def mean_ci(values) -> dict:
-    """Mean, std and the normal-approximation 95% CI (mean ± 1.96 sd / sqrt(n))."""
-    v = np.asarray(values, dtype=float)
-    n = int(v.size)
-    mean = float(v.mean()) if n else float("nan")
-    sd = float(v.std(ddof=1)) if n > 1 else 0.0
-    half = 1.96 * sd / math.sqrt(n) if n > 1 else 0.0
-    return {"n": n, "mean": mean, "std": sd, "ci95": [mean - half, mean + half], "ci95_half_width": half}
+# Score columns that are 0/1 per image: their summaries are proportions (Wilson intervals, inside [0, 1]).
+PROPORTION_COLUMNS = ("alignment",)
 
 
 def score_columns(rows: list[dict]) -> list[str]:
@@ -306,7 +301,9 @@ def score_columns(rows: list[dict]) -> list[str]:
 
 
 def summarize(rows: list[dict]) -> dict:
-    return {col: mean_ci([r[col] for r in rows]) for col in score_columns(rows)}
+    """Per score column: mean with its 95 % interval (spo.stats: Student t for small n; Wilson for proportions)."""
+    return {col: stats.mean_summary([r[col] for r in rows], proportion=col in PROPORTION_COLUMNS)
+            for col in score_columns(rows)}
 
 
 def rows_csv(rows: list[dict]) -> str:
@@ -333,12 +330,15 @@ def match_records(a: list[dict], b: list[dict]) -> list[tuple[dict, dict]]:
 
 
 def win_rates(rows_a: list[dict], rows_b: list[dict]) -> dict:
-    """Per score: win rate of A over B (ties count one half) and the mean paired difference, with 95% CIs."""
+    """Per score: win rate of A over B (the share of seed-matched pairs where A scores higher, ties counting one
+    half; Wilson 95 % interval) and the mean paired difference A - B (Student t 95 % interval for small n)."""
     out = {}
     for col in score_columns(rows_a):
         a = np.array([r[col] for r in rows_a])
         b = np.array([r[col] for r in rows_b])
-        wins = np.where(a > b, 1.0, np.where(a < b, 0.0, 0.5))
-        out[col] = {"win_rate": mean_ci(wins), "difference": mean_ci(a - b),
+        wins = stats.win_fractions(a, b)
+        bounds = (-1.0, 1.0) if col in PROPORTION_COLUMNS else None  # a difference of two 0/1 scores
+        out[col] = {"win_rate": stats.mean_summary(wins, proportion=True),
+                    "difference": stats.mean_summary(a - b, bounds),
                     "wins": int((a > b).sum()), "ties": int((a == b).sum()), "losses": int((a < b).sum())}
     return out

@@ -1,21 +1,34 @@
-"""Scorers for the SPO trainer: an SPM folder, a CLIP folder or any `package.module:function`, behind one callable.
+"""The project's one scorer protocol (`Scorer`) and its loader: an SPM folder, a CLIP folder or any
+`package.module:function`, behind one callable.
 
-A scorer is `scorer(images, prompts, timesteps) -> scores [B]` with images in [-1, 1] as [B, 3, H, W].
-`score_latents` is the hot path of SPO sampling: decode k candidates' x0-hat latents and score them.
+Every scorer, wherever it is used (SPO's preference, `spo spm eval` / `siblings`, `spo sweep`, `spo score`), is
+`scorer(images, prompts, timesteps=None) -> scores [B]` with images in [-1, 1] as [B, 3, H, W]. Step-aware
+preference models read the timesteps; clean-image scorers (a CLIP folder such as PickScore_v1, the toy judge's
+`spo.toy.judge:aesthetic_preference`, most user functions) ignore them. `spo.show.scoring` builds its named
+score columns on the same protocol. `score_latents` is the hot path of SPO sampling: decode k candidates'
+x0-hat latents and score them.
 """
 
 from __future__ import annotations
 
 import importlib
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Protocol, Sequence
 
 import torch
 
 from spo.errors import SpoInputError
 from spo.spm.model import CONFIG_NAME, StepAwarePreferenceModel, check_family
 
-Scorer = Callable[[torch.Tensor, Sequence[str], torch.Tensor], torch.Tensor]
+
+
+class Scorer(Protocol):
+    """images [B, 3, H, W] in [-1, 1], prompts [B], timesteps [B] (long; None or zeros: clean images) -> scores [B]
+    (a tensor, or anything torch.as_tensor takes). Callers here always pass timesteps; a scorer may ignore them.
+    Implemented by StepAwarePreferenceModel (SPM and CLIP folders), the toy judge's scorers and user functions."""
+
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str], timesteps: torch.Tensor | None = None, /):
+        ...
 
 
 def find_spm_dir(path: str | Path) -> Path | None:
