@@ -58,7 +58,7 @@ def _read_json(path: Path):
 
 def _ci_text(s: dict) -> str:
     """"mean [low, high]" for a saved interval, "mean ± half-width" where only a half-width was saved."""
-    ci = s["ci95"]
+    ci = s.get("ci95_range", s["ci95"])
     if isinstance(ci, list):
         return f"{s['mean']:.4g} [{ci[0]:.4g}, {ci[1]:.4g}]"
     return f"{s['mean']:.4g} ± {ci:.3g}"
@@ -162,6 +162,18 @@ def sweep_section(folder: Path, root: Path) -> str:
              f"{html.escape(', '.join(lo['name'] for lo in data.get('loras', [])) or 'none')}</p>"]
     if data.get("suggestion"):
         parts.append(f'<p class="suggest">{html.escape(data["suggestion"]["text"])}</p>')
+        comps = data["suggestion"].get("comparisons") or []
+        if comps:
+            align = "alignment_change_points" in comps[0]
+            parts.append(_table(
+                ["strength", "pairs", "difference from strength 0 [95% CI]", "win rate vs strength 0 [95% CI]",
+                 "wins / ties / losses"] + (["alignment change (points) [95% CI]"] if align else []),
+                [[c["strength"], c["n"], _ci_text({"mean": c["difference"], "ci95": c["ci95"]}),
+                  _ci_text({"mean": c["win_rate"], "ci95": c["win_rate_ci95"]}), f"{c['wins']} / {c['ties']} / {c['losses']}"]
+                 + ([_ci_text({"mean": c["alignment_change_points"], "ci95": c["alignment_ci95_points"]})] if align else [])
+                 for c in comps]))
+    elif data.get("suggestion_note"):
+        parts.append(f'<p class="suggest">{html.escape(data["suggestion_note"])}</p>')
     for page in data["pages"]:
         parts.append(_file_figure(folder / page["file"], root))
     if data.get("plot") and (folder / data["plot"]).is_file():
@@ -169,7 +181,7 @@ def sweep_section(folder: Path, root: Path) -> str:
     stats = data.get("score_stats")
     if stats:
         cols = [k for k in next(iter(stats.values())) if k != "n"]
-        parts.append(_table([data["score_axis"], "n"] + [f"{c} (mean ± 95% CI)" for c in cols],
+        parts.append(_table([data["score_axis"], "n"] + [f"{c} (mean [95% CI])" for c in cols],
                             [[v, s["n"]] + [_ci_text(s[c]) for c in cols] for v, s in stats.items()]))
     links = " ".join(f'<a href="{html.escape(_rel(folder / c["file"], root))}">{html.escape(c["file"])}</a>'
                      for c in data["cells"])
