@@ -47,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cfgs", type=_numbers, nargs="+", default=None, help="CFG scales")
     parser.add_argument("--score", default=None, metavar="judge|SPM_DIR|CLIP_DIR|module:function|none",
                         help="score every cell (at t = 0), plot score vs strength and suggest strengths (default: "
-                             "the model's own reference scorer, the judge for toy:*; none for a checkpoint path)")
+                             "the model source's reference scorer, e.g. the built-in toy models' judge; none for a checkpoint path)")
     parser.add_argument("--max-alignment-drop", type=_float, default=DEFAULT_MAX_ALIGNMENT_DROP, metavar="POINTS",
                         help="a suggested strength loses at most this many alignment points against strength 0 "
                              "(mean over the same seeds; default: %(default)s)")

@@ -124,21 +124,37 @@ def _load_pil(paths):
 # ------------------------------------------------------------------------------------------- scorers
 
 
-def tensor_scorer(spec: str, family: str | None = None):
-    """A scorer of the one protocol (spo.spm.scoring.Scorer: an SPM, CLIP folder or "module:function") as
-    f(PIL images, prompts) -> [float], scored at t = 0."""
+def pil_scorer(fn):
+    """f(8-bit PIL images, prompts) -> [float] as a Scorer of the one protocol (spo.spm.scoring.Scorer): the
+    [-1, 1] batch is turned back into the very same 8-bit images, so such a scorer's figures do not change."""
+    from spo.images import tensor_to_images
+
+    def scorer(images, prompts, timesteps=None):
+        return [float(v) for v in fn(tensor_to_images(images), list(prompts))]
+
+    return scorer
+
+
+def score_pil(scorer, images, prompts) -> list[float]:
+    """Score PIL images (any sizes) with a Scorer at t = 0: one [-1, 1] batch per image size, results in order."""
     import torch
 
     from spo.images import images_to_tensor
-    from spo.spm.scoring import load_scorer, score_images
 
-    scorer = load_scorer(spec, family=family)
-
-    def score(images, prompts):
-        x = images_to_tensor(images)
-        return score_images(scorer, x, prompts, torch.zeros(len(images), dtype=torch.long)).tolist()
-
-    return score
+    out: list[float] = [0.0] * len(images)
+    by_size: dict[tuple, list[int]] = {}
+    for i, im in enumerate(images):
+        by_size.setdefault(im.size, []).append(i)
+    for idx in by_size.values():
+        with torch.no_grad():
+            got = scorer(images_to_tensor([images[i] for i in idx]), [prompts[i] for i in idx],
+                         torch.zeros(len(idx), dtype=torch.long))
+        vals = got.float().cpu().tolist() if isinstance(got, torch.Tensor) else [float(v) for v in got]
+        if len(vals) != len(idx):
+            raise SpoInputError(f"a scorer returned {len(vals)} scores for {len(idx)} images")
+        for i, v in zip(idx, vals):
+            out[i] = v
+    return out
 
 
 def pickscore_scorer(folder: str | Path):
@@ -249,28 +265,29 @@ def imagereward_scorer(weights: str):
 def build_scorers(*, judge: bool = False, spm: str | None = None, family: str | None = None,
                   pickscore: str | None = None, hpsv2: bool = False, imagereward: str | None = None,
                   laion_aesthetic: str | None = None, laion_clip: str | None = None) -> dict:
-    """name -> f(PIL images, prompts) -> {column: [floats]}. The toy judge is the default."""
+    """name -> {column: Scorer} (spo.spm.scoring.Scorer, the one protocol). The toy judge is the default.
+
+    SPMs, CLIP folders and "module:function" scorers come from spo.spm.scoring.load_scorer; the packages that
+    take PIL images (PickScore's processor, HPSv2, ImageReward, the LAION head, the judge) through pil_scorer.
+    """
+    from spo.spm.scoring import load_scorer
+
     scorers = {}
     if spm:
-        f = tensor_scorer(spm, family)
-        scorers["spm"] = lambda ims, ps: {"spm_t0": f(ims, ps)}
+        scorers["spm"] = {"spm_t0": load_scorer(spm, family=family)}
     if pickscore:
-        f1 = pickscore_scorer(pickscore)
-        scorers["pickscore"] = lambda ims, ps: {"pickscore": f1(ims, ps)}
+        scorers["pickscore"] = {"pickscore": pil_scorer(pickscore_scorer(pickscore))}
     if hpsv2:
-        f2 = hpsv2_scorer()
-        scorers["hpsv2"] = lambda ims, ps: {"hpsv2": f2(ims, ps)}
+        scorers["hpsv2"] = {"hpsv2": pil_scorer(hpsv2_scorer())}
     if imagereward:
-        f3 = imagereward_scorer(imagereward)
-        scorers["imagereward"] = lambda ims, ps: {"imagereward": f3(ims, ps)}
+        scorers["imagereward"] = {"imagereward": pil_scorer(imagereward_scorer(imagereward))}
     if laion_aesthetic:
-        f4 = laion_aesthetic_scorer(laion_aesthetic, laion_clip)
-        scorers["laion_aesthetic"] = lambda ims, ps: {"laion_aesthetic": f4(ims, ps)}
+        scorers["laion_aesthetic"] = {"laion_aesthetic": pil_scorer(laion_aesthetic_scorer(laion_aesthetic, laion_clip))}
     if judge or not scorers:
         from spo.toy import judge as toy_judge
 
-        scorers["judge"] = lambda ims, ps: {"aesthetic": [toy_judge.aesthetic(i) for i in ims],
-                                            "alignment": [float(toy_judge.alignment(i, p)) for i, p in zip(ims, ps)]}
+        scorers["judge"] = {"aesthetic": pil_scorer(lambda ims, ps: [toy_judge.aesthetic(i) for i in ims]),
+                            "alignment": pil_scorer(lambda ims, ps: [toy_judge.alignment(i, p) for i, p in zip(ims, ps)])}
     return scorers
 
 
@@ -285,10 +302,10 @@ def score_records(records: list[dict], scorers: dict, chunk: int = 16, desc: str
         part = records[start:start + chunk]
         images = _load_pil([r["path"] for r in part])
         prompts = [r["prompt"] for r in part]
-        for f in scorers.values():
-            for col, vals in f(images, prompts).items():
-                for row, v in zip(rows[start:start + chunk], vals):
-                    row[col] = float(v)
+        for columns in scorers.values():
+            for col, scorer in columns.items():
+                for row, v in zip(rows[start:start + chunk], score_pil(scorer, images, prompts)):
+                    row[col] = v
     return rows
 
 

@@ -222,7 +222,7 @@ def sweep(model: str, prompts: list[str], out, *, loras=None, values: dict[str, 
     """Generate, draw and score the grids; returns the sweep.json content.
 
     score: "judge", an SPM / CLIP folder or "module:function"; None: the model source's reference scorers
-    (the toy judge for `toy:*`), none for a checkpoint path; "none": do not score. A strength sweep that is
+    (spo.sources: the judge of the built-in toy models), none for a checkpoint path; "none": do not score. A strength sweep that is
     scored always contains strength 0 (added when missing): the suggestion compares every strength with it.
     """
     from tqdm.auto import tqdm
@@ -393,25 +393,24 @@ def _scorer_specs(score: str | None, model) -> list[tuple[str, str]]:
     return [(_column(spec), spec) for spec in (source.reference, *source.references)]
 
 
-def _make_scorer(specs: list[tuple[str, str]], family: str | None):
-    """"judge" (the toy judge: aesthetic + alignment), or scorers of the one protocol (spo.spm.scoring.Scorer:
-    an SPM / CLIP folder or "module:function") scored at t = 0, one column each."""
+def _make_scorer(specs: list[tuple[str, str]], family: str | None) -> dict:
+    """{column: Scorer} (spo.spm.scoring.Scorer, the one protocol), scored at t = 0: "judge" (aesthetic +
+    alignment, as `spo score --judge`), or SPM / CLIP folders and "module:function" scorers, one column each."""
+    from spo.show.scoring import build_scorers
+    from spo.spm.scoring import load_scorer
+
     if specs[0][1] in ("judge", "toy"):
-        from spo.toy import judge
-
-        return lambda ims, prompts: {"aesthetic": [judge.aesthetic(i) for i in ims],
-                                     "alignment": [float(judge.alignment(i, p)) for i, p in zip(ims, prompts)]}
-    from spo.show.scoring import tensor_scorer
-
-    fns = {col or "score": tensor_scorer(spec, family) for col, spec in specs}
-    return lambda ims, prompts: {col: fn(ims, prompts) for col, fn in fns.items()}
+        return build_scorers(judge=True)["judge"]
+    return {col or "score": load_scorer(spec, family=family) for col, spec in specs}
 
 
 def _score_cells(scorer, spec, cells, images, key_of, values, x, loras, out: Path, max_alignment_drop) -> dict:
     from tqdm.auto import tqdm
 
+    from spo.show.scoring import score_pil
+
     for c in tqdm(cells, desc="scoring", unit="img"):
-        c["scores"] = {k: float(v[0]) for k, v in scorer([images[key_of(c)]], [c["prompt"]]).items()}
+        c["scores"] = {k: score_pil(f, [images[key_of(c)]], [c["prompt"]])[0] for k, f in scorer.items()}
     cols = list(cells[0]["scores"])
     main = cols[0]
     axis = "strength" if loras and len(values.get("strength", [])) > 1 else x

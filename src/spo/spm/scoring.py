@@ -3,10 +3,10 @@
 
 Every scorer, wherever it is used (SPO's preference, `spo spm eval` / `siblings`, `spo sweep`, `spo score`), is
 `scorer(images, prompts, timesteps=None) -> scores [B]` with images in [-1, 1] as [B, 3, H, W]. Step-aware
-preference models read the timesteps; clean-image scorers (a CLIP folder such as PickScore_v1, the toy judge's
-`spo.toy.judge:aesthetic_preference`, most user functions) ignore them. `spo.show.scoring` builds its named
-score columns on the same protocol. `score_latents` is the hot path of SPO sampling: decode k candidates'
-x0-hat latents and score them.
+preference models read the timesteps; clean-image scorers (a CLIP folder such as PickScore_v1, a model source's
+reference scorer, most user functions) ignore them. `spo score` and `spo sweep` use the same protocol (scorers
+of PIL images, such as PickScore through its processor, join it through spo.show.scoring.pil_scorer).
+`score_latents` is the hot path of SPO sampling: decode k candidates' x0-hat latents and score them.
 """
 
 from __future__ import annotations
@@ -21,11 +21,10 @@ from spo.errors import SpoInputError
 from spo.spm.model import CONFIG_NAME, StepAwarePreferenceModel, check_family
 
 
-
 class Scorer(Protocol):
     """images [B, 3, H, W] in [-1, 1], prompts [B], timesteps [B] (long; None or zeros: clean images) -> scores [B]
     (a tensor, or anything torch.as_tensor takes). Callers here always pass timesteps; a scorer may ignore them.
-    Implemented by StepAwarePreferenceModel (SPM and CLIP folders), the toy judge's scorers and user functions."""
+    Implemented by StepAwarePreferenceModel (SPM and CLIP folders), model sources' reference scorers, user functions."""
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str], timesteps: torch.Tensor | None = None, /):
         ...
