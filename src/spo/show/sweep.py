@@ -1,8 +1,10 @@
 """Side-by-side grids: any two of strength / denoise / seed / scheduler / steps / cfg / prompt as axes.
 
 Every cell of a grid uses the same seeds and prompts as its neighbours, so two cells differ only in the
-swept values. Axes not drawn but given several values become separate pages. Optionally every cell is
-scored (toy judge or a scorer at t = 0) and the mean score per strength gives a suggested strength range.
+swept values. Axes not drawn but given several values become separate pages. When a scorer is at hand
+(--score, or the model source's reference) every cell is scored at t = 0, and each strength is compared with
+strength 0 on the same seeds and prompts (paired differences, spo.stats intervals): the suggested range is the
+strengths whose gain is significant and whose alignment cost stays within a stated limit.
 """
 
 from __future__ import annotations
@@ -92,10 +94,6 @@ def labelled_grid(cells: list[list], row_labels: list[str], col_labels: list[str
         for c in range(len(col_labels)):
             img.paste(cells[r][c].resize((cw, ch), Image.NEAREST), (left + c * cw, top + r * ch))
     return img
-
-
-def _points(value: float) -> str:
-    return f"{100 * value:+.1f}"
 
 
 def compare_with_zero(strengths, scores: dict, alignment: dict | None = None,
@@ -222,17 +220,68 @@ def sweep(model: str, prompts: list[str], out, *, loras=None, values: dict[str, 
     """Generate, draw and score the grids; returns the sweep.json content.
 
     score: "judge", an SPM / CLIP folder or "module:function"; None: the model source's reference scorers
-    (spo.sources: the judge of the built-in toy models), none for a checkpoint path; "none": do not score. A strength sweep that is
-    scored always contains strength 0 (added when missing): the suggestion compares every strength with it.
+    (spo.sources: the judge of the built-in toy models), none for a checkpoint path; "none": do not score. A
+    strength sweep that is scored always contains strength 0 (added when missing): the suggestion compares every
+    strength with it.
     """
     from tqdm.auto import tqdm
 
-    from spo.io import ensure_writable_dir, save_image, write_json, write_text
+    from spo.io import ensure_writable_dir, write_json
     from spo.show import generate as g
-    from spo.show import infotext as it
 
     loras = list(loras or [])
     settings = settings or g.Settings()
+    values, init = _checked_values(values, prompts, x, y, settings, loras, lora_index, init_image)
+    specs = _scorer_specs(score, model)
+    scorer = _make_scorer(specs, family) if specs else None  # a bad scorer spec fails before generation
+    strength_swept = bool(loras) and ("strength" in (x, y) or len(values["strength"]) > 1)
+    if scorer is not None and strength_swept and 0.0 not in values["strength"]:
+        values["strength"] = _with_zero(values["strength"])
+        log("added strength 0: the suggestion compares every strength with the LoRA off on the same seeds")
+    out = check_output_dir(out)
+
+    gen = g.Generator(model, loras, family=family, img2img=init is not None)
+    size = gen.size(settings, init)
+    fixed = {a: values[a][0] for a in AXES if a not in (x, y) and a in values and len(values[a]) == 1}
+    # Each distinct generation setting makes all its (prompt, seed) images in one fixed order and batching.
+    config_axes = [a for a in ("strength", "denoise", "scheduler", "steps", "cfg") if a in values]
+    jobs = list(itertools.product(values["prompt"], values["seed"]))
+    configs = list(itertools.product(*[values[a] for a in config_axes]))
+    ensure_writable_dir(out / "cells")
+    images: dict[tuple, object] = {}
+    infos: dict[tuple, str] = {}
+    for config in tqdm(configs, desc="sweep", unit="setting"):
+        c = dict(zip(config_axes, config))
+        st = _settings(settings, c, loras, lora_index)
+        imgs = gen([p for p, _ in jobs], [s for _, s in jobs], st, init, batch=batch)
+        for (p, s), im in zip(jobs, imgs):
+            key = config + (p, s)
+            images[key] = im
+            infos[key] = gen.infotext(p, s, st, size)
+
+    def key_of(cell: dict) -> tuple:
+        return tuple(cell[a] for a in config_axes) + (cell["prompt"], cell["seed"])
+
+    cells, pages = _draw_pages(out, values, x, y, fixed, images, infos, key_of, bool(loras))
+    result = {"format": "spo-sweep/1", "model": str(model), "x": x, "y": y, "pages": pages, "cells": cells,
+              "values": {a: v for a, v in values.items()}, "fixed": fixed, "size": list(size),
+              "loras": [{"name": s.name, "path": str(s.path), "strength": s.strength} for s in loras],
+              "swept_lora": loras[lora_index].name if loras else None, "init_image": str(init_image) if init_image else None}
+    if scorer is not None:
+        result.update(_score_cells(scorer, ", ".join(spec for _, spec in specs), cells, images, key_of, values, x,
+                                   [loras[lora_index]] if loras else [], out, max_alignment_drop))
+        _write_scores_csv(out, cells)
+    elif strength_swept:
+        result["suggestion_note"] = (f"no strength suggestion: no scorer for {model}; give --score SPM_DIR, a CLIP "
+                                     "folder such as PickScore_v1, or package.module:function to score the cells")
+    write_json(out / "sweep.json", result)
+    return result
+
+
+def _checked_values(values, prompts, x: str, y: str, settings, loras, lora_index: int, init_image):
+    """Every axis's values, defaults filled in and checked before anything loads; and the init image."""
+    from spo.show import generate as g
+
     values = {k: list(v) for k, v in (values or {}).items() if v}
     for axis in (x, y):
         if axis not in AXES:
@@ -273,37 +322,16 @@ def sweep(model: str, prompts: list[str], out, *, loras=None, values: dict[str, 
     for c in values["cfg"]:
         if not math.isfinite(c):
             raise SpoInputError(f"cfg {c} is not a finite number")
-    specs = _scorer_specs(score, model)
-    scorer = _make_scorer(specs, family) if specs else None  # a bad scorer spec fails before generation
-    strength_swept = bool(loras) and ("strength" in (x, y) or len(values["strength"]) > 1)
-    if scorer is not None and strength_swept and 0.0 not in values["strength"]:
-        values["strength"] = _with_zero(values["strength"])
-        log("added strength 0: the suggestion compares every strength with the LoRA off on the same seeds")
-    out = check_output_dir(out)
+    return values, init
 
-    gen = g.Generator(model, loras, family=family, img2img=init is not None)
-    size = gen.size(settings, init)
+
+def _draw_pages(out: Path, values: dict, x: str, y: str, fixed: dict, images: dict, infos: dict, key_of,
+                with_lora: bool) -> tuple[list, list]:
+    """Save every cell and one labelled grid per page; (cells, pages) as sweep.json lists them."""
+    from spo.io import save_image
+    from spo.show import infotext as it
+
     page_axes = [a for a in AXES if a not in (x, y) and len(values.get(a, [])) > 1]
-    fixed = {a: values[a][0] for a in AXES if a not in (x, y) and a in values and len(values[a]) == 1}
-    # Each distinct generation setting makes all its (prompt, seed) images in one fixed order and batching.
-    config_axes = [a for a in ("strength", "denoise", "scheduler", "steps", "cfg") if a in values]
-    jobs = list(itertools.product(values["prompt"], values["seed"]))
-    configs = list(itertools.product(*[values[a] for a in config_axes]))
-    ensure_writable_dir(out / "cells")
-    images: dict[tuple, object] = {}
-    infos: dict[tuple, str] = {}
-    for config in tqdm(configs, desc="sweep", unit="setting"):
-        c = dict(zip(config_axes, config))
-        st = _settings(settings, c, loras, lora_index)
-        imgs = gen([p for p, _ in jobs], [s for _, s in jobs], st, init, batch=batch)
-        for (p, s), im in zip(jobs, imgs):
-            key = config + (p, s)
-            images[key] = im
-            infos[key] = gen.infotext(p, s, st, size)
-
-    def key_of(cell: dict) -> tuple:
-        return tuple(cell[a] for a in config_axes) + (cell["prompt"], cell["seed"])
-
     cells, pages = [], []
     for pi, page_vals in enumerate(itertools.product(*[values[a] for a in page_axes])):
         page = dict(zip(page_axes, page_vals))
@@ -319,32 +347,26 @@ def sweep(model: str, prompts: list[str], out, *, loras=None, values: dict[str, 
                 row.append(images[key])
             grid_cells.append(row)
         title = " | ".join([f"x: {x}", f"y: {y}"] + [_fmt(a, v) for a, v in {**fixed, **page}.items()
-                                                         if a not in ("strength",) or loras])
+                                                         if a not in ("strength",) or with_lora])
         grid = labelled_grid(grid_cells, [_fmt(y, v) for v in values[y]], [_fmt(x, v) for v in values[x]], title)
         gname = "grid.png" if pi == 0 else f"grid-p{pi:02d}.png"
         first = key_of({**fixed, **page, x: values[x][0], y: values[y][0]})
         meta = infos[first] + f"\nSweep: x={x} {values[x]}, y={y} {values[y]}"
         save_image(grid, out / gname, pnginfo=it.pnginfo(meta))
         pages.append({"file": gname, **page})
-    result = {"format": "spo-sweep/1", "model": str(model), "x": x, "y": y, "pages": pages, "cells": cells,
-              "values": {a: v for a, v in values.items()}, "fixed": fixed, "size": list(size),
-              "loras": [{"name": s.name, "path": str(s.path), "strength": s.strength} for s in loras],
-              "swept_lora": loras[lora_index].name if loras else None, "init_image": str(init_image) if init_image else None}
-    if scorer is not None:
-        result.update(_score_cells(scorer, ", ".join(spec for _, spec in specs), cells, images, key_of, values, x,
-                                   [loras[lora_index]] if loras else [], out, max_alignment_drop))
-        with io.StringIO() as buf:
-            cols = ["file", "page", "row", "col"] + [a for a in AXES if a in cells[0]] + list(cells[0]["scores"])
-            w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
-            w.writeheader()
-            for c in cells:
-                w.writerow({**c, **c["scores"]})
-            write_text(out / "scores.csv", buf.getvalue())
-    elif strength_swept:
-        result["suggestion_note"] = (f"no strength suggestion: no scorer for {model}; give --score SPM_DIR, a CLIP "
-                                     "folder such as PickScore_v1, or package.module:function to score the cells")
-    write_json(out / "sweep.json", result)
-    return result
+    return cells, pages
+
+
+def _write_scores_csv(out: Path, cells: list[dict]) -> None:
+    from spo.io import write_text
+
+    with io.StringIO() as buf:
+        cols = ["file", "page", "row", "col"] + [a for a in AXES if a in cells[0]] + list(cells[0]["scores"])
+        w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        for c in cells:
+            w.writerow({**c, **c["scores"]})
+        write_text(out / "scores.csv", buf.getvalue())
 
 
 def check_strength(value: float) -> float:
