@@ -65,8 +65,9 @@ def _ci_text(s: dict) -> str:
 
 
 # The one win rate of every page, named where a win rate is shown.
-WIN_RATE = ("win rate: the share of seed-matched pairs (same prompt and seed; B is the base or the strength-0 "
-            "image) in which A scores higher, a tie counting one half, with its 95 % Wilson interval")
+WIN_RATE = ("win rate: the share of seed-matched pairs (same prompt and seed) in which the first image (with the "
+            "LoRA, after, or folder A) scores higher than the second (strength 0, before, or folder B), a tie "
+            "counting one half, with its 95 % Wilson interval")
 
 
 def folder_kind(folder: Path) -> str:
