@@ -114,6 +114,8 @@ CASES = [
      ["strength", "1e+308"], ["{t}/o"]),
     ("sweep-nan-cfg", ["sweep", "--prompt", "x", "--lora", "{lora}", "--cfgs", "nan", "--out", "{t}/o"],
      ["cfgs", "nan"], ["{t}/o"]),
+    ("sweep-negative-alignment-drop", ["sweep", "--prompt", "x", "--lora", "{lora}", "--max-alignment-drop", "-5",
+                                       "--out", "{t}/o"], ["max-alignment-drop", "-5"], ["{t}/o"]),
     # ---- score / report
     ("score-missing-folder", ["score", "{t}/nope", "--out", "{t}/o"], ["nope"], ["{t}/o"]),
     ("score-empty-folder", ["score", "{empty}", "--out", "{t}/o"], ["{empty}"], ["{t}/o"]),

@@ -173,6 +173,16 @@ def test_sweep_suggestion_excludes_a_clearly_worse_negative_strength(tmp_path):
         f"suggested strength {flipped['low']:g} to {flipped['high']:g} (best {best['strength']:g}: darkness +")
 
 
+def test_default_scorers_come_from_the_model_source(tmp_path):
+    from spo.show.sweep import _scorer_specs
+    from spo.sources import get
+
+    source = get("toy:sd15")
+    assert _scorer_specs(None, "toy:sd15") == [("aesthetic", source.reference), ("alignment", source.references[0])]
+    assert _scorer_specs(None, tmp_path / "my_model.safetensors") == []  # a checkpoint path: no scorer known
+    assert _scorer_specs("none", "toy:sd15") == [] and _scorer_specs("x:y", "toy:sd15") == [("", "x:y")]
+
+
 def test_sweep_without_scorer_says_how_to_get_a_suggestion(lora, tmp_path):
     from spo.show.generate import Settings, parse_lora
     from spo.show.sweep import sweep
@@ -180,7 +190,7 @@ def test_sweep_without_scorer_says_how_to_get_a_suggestion(lora, tmp_path):
     result = sweep("toy:sd15", [PROMPT], tmp_path / "out", loras=[parse_lora(str(lora))],
                    values={"strength": [0.0, 1.0], "seed": [0]}, settings=Settings(steps=STEPS), score="none",
                    log=lambda *a: None)
-    assert "suggestion" not in result and "--score" in result["suggestion_note"]
+    assert "suggestion" not in result and "--score none" in result["suggestion_note"]
 
 
 def test_score_cli_csv_and_ci(gen_dir):

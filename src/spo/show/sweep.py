@@ -232,6 +232,8 @@ def sweep(model: str, prompts: list[str], out, *, loras=None, values: dict[str, 
     loras = list(loras or [])
     settings = settings or g.Settings()
     values, init = _checked_values(values, prompts, x, y, settings, loras, lora_index, init_image)
+    if not (math.isfinite(max_alignment_drop) and max_alignment_drop >= 0):
+        raise SpoInputError(f"--max-alignment-drop must be a number of points >= 0, got {max_alignment_drop}")
     specs = _scorer_specs(score, model)
     scorer = _make_scorer(specs, family) if specs else None  # a bad scorer spec fails before generation
     strength_swept = bool(loras) and ("strength" in (x, y) or len(values["strength"]) > 1)
@@ -272,8 +274,9 @@ def sweep(model: str, prompts: list[str], out, *, loras=None, values: dict[str, 
                                    [loras[lora_index]] if loras else [], out, max_alignment_drop))
         _write_scores_csv(out, cells)
     elif strength_swept:
-        result["suggestion_note"] = (f"no strength suggestion: no scorer for {model}; give --score SPM_DIR, a CLIP "
-                                     "folder such as PickScore_v1, or package.module:function to score the cells")
+        result["suggestion_note"] = ("no strength suggestion: " + ("scoring is off (--score none)" if score == "none" else
+                                     f"no scorer for {model}; give --score SPM_DIR, a CLIP folder such as PickScore_v1, "
+                                     "or package.module:function to score the cells"))
     write_json(out / "sweep.json", result)
     return result
 
