@@ -484,6 +484,8 @@ def quality(args) -> dict:
     """Base vs Diffusion-DPO vs SPO on the toy world: judge aesthetic and alignment on held-out captions."""
     import numpy as np
 
+    from spo.stats import mean_half_width
+
     fam, work = args.family, Path(args.work) / args.family
     base = f"toy:{fam}"
     preset = args.spo_preset or f"toy-{fam}"
@@ -510,10 +512,10 @@ def quality(args) -> dict:
             d, dl = a - a0, al - l0
             rows.append({"lora": str(folder), "train_seconds": seconds, "aesthetic": float(a.mean()),
                          "gain_in_base_std": float(d.mean() / sd),
-                         "gain_ci95_in_base_std": float(1.96 * d.std(ddof=1) / np.sqrt(len(d)) / sd),
+                         "gain_ci95_in_base_std": mean_half_width(d) / sd,
                          "win_rate": float((d > 0).mean()), "alignment": float(al.mean()),
                          "alignment_change_points": float(100 * dl.mean()),
-                         "alignment_change_ci95_points": float(100 * 1.96 * dl.std(ddof=1) / np.sqrt(len(dl)))})
+                         "alignment_change_ci95_points": 100 * mean_half_width(dl)})
         return rows
 
     spo_rows, dpo_rows = arm(spo_points), arm(dpo_points)

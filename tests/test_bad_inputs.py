@@ -105,6 +105,17 @@ CASES = [
      ["seeds"], ["{t}/o"]),
     ("sweep-bad-sweep-lora", ["sweep", "--prompt", "x", "--lora", "{lora}", "--sweep-lora", "5", "--out", "{t}/o"],
      ["sweep-lora"], ["{t}/o"]),
+    # sweep strengths (H3): non-finite or absurd strengths are refused before anything is generated
+    ("sweep-nan-strength", ["sweep", "--prompt", "x", "--lora", "{lora}", "--strengths", "0", "nan", "--out", "{t}/o"],
+     ["strengths", "nan"], ["{t}/o"]),
+    ("sweep-inf-strength", ["sweep", "--prompt", "x", "--lora", "{lora}", "--strengths=0,-inf", "--out", "{t}/o"],
+     ["strengths", "inf"], ["{t}/o"]),
+    ("sweep-huge-strength", ["sweep", "--prompt", "x", "--lora", "{lora}", "--strengths", "0", "1e308", "--out", "{t}/o"],
+     ["strength", "1e+308"], ["{t}/o"]),
+    ("sweep-nan-cfg", ["sweep", "--prompt", "x", "--lora", "{lora}", "--cfgs", "nan", "--out", "{t}/o"],
+     ["cfgs", "nan"], ["{t}/o"]),
+    ("sweep-negative-alignment-drop", ["sweep", "--prompt", "x", "--lora", "{lora}", "--max-alignment-drop", "-5",
+                                       "--out", "{t}/o"], ["max-alignment-drop", "-5"], ["{t}/o"]),
     # ---- score / report
     ("score-missing-folder", ["score", "{t}/nope", "--out", "{t}/o"], ["nope"], ["{t}/o"]),
     ("score-empty-folder", ["score", "{empty}", "--out", "{t}/o"], ["{empty}"], ["{t}/o"]),

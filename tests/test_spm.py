@@ -281,7 +281,8 @@ def test_pairwise_log_loss_and_paired_difference_by_hand():
     a, b = np.array([1.0, 0.0, 1.0, 0.5]), np.array([1.0, 1.0, 1.0, 1.0])
     diff, ci = paired_difference(a, b)
     d = b - a
-    assert diff == pytest.approx(0.375) and ci == pytest.approx(1.96 * d.std(ddof=1) / 2.0)
+    # 4 pairs: Student t(0.975, 3) = 3.18245 (spo.stats), not the normal 1.96
+    assert diff == pytest.approx(0.375) and ci == pytest.approx(3.182446305284263 * d.std(ddof=1) / 2.0)
     # identical scorers: zero difference with zero width, however noisy each one is
     assert paired_difference(a, a) == (0.0, 0.0)
 

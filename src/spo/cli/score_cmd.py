@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         write_json(out / "summary.json", summary)
         print(f"{len(rows)} images in {args.folder}:")
         for col, s in summary["scores"].items():
-            print(f"  {col}: {s['mean']:.4f} (95% CI {s['ci95'][0]:.4f} .. {s['ci95'][1]:.4f}, n={s['n']})")
+            print(f"  {col}: {s['mean']:.4f} (95% CI {s['ci95'][0]:.4f} .. {s['ci95'][1]:.4f}, {s['interval']}, n={s['n']})")
         print(f"-> {out / 'scores.csv'}, {out / 'summary.json'}")
         return 0
     pairs = scoring.match_records(records[0], records[1])
@@ -72,7 +72,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"{len(pairs)} seed-matched pairs, {args.compare[0]} (A) vs {args.compare[1]} (B):")
     for col, r in result["a_vs_b"].items():
         w = r["win_rate"]
-        print(f"  {col}: A wins {100 * w['mean']:.1f}% (95% CI {100 * w['ci95'][0]:.1f}..{100 * w['ci95'][1]:.1f}%; "
-              f"{r['wins']} wins, {r['ties']} ties, {r['losses']} losses), mean difference {r['difference']['mean']:+.4f}")
+        d = r["difference"]
+        print(f"  {col}: A wins {100 * w['mean']:.1f}% (95% Wilson CI {100 * w['ci95'][0]:.1f}..{100 * w['ci95'][1]:.1f}%; "
+              f"{r['wins']} wins, {r['ties']} ties, {r['losses']} losses, a tie counting half), "
+              f"mean difference {d['mean']:+.4f} (95% CI {d['ci95'][0]:+.4f}..{d['ci95'][1]:+.4f})")
     print(f"-> {out / 'pairs.csv'}, {out / 'summary.json'}")
     return 0

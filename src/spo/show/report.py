@@ -58,7 +58,17 @@ def _read_json(path: Path):
 
 
 def _ci_text(s: dict) -> str:
-    return f"{s['mean']:.4g} ± {s['ci95_half_width']:.3g}" if "ci95_half_width" in s else f"{s['mean']:.4g} ± {s['ci95']:.3g}"
+    """"mean [low, high]" for a saved interval, "mean ± half-width" where only a half-width was saved."""
+    ci = s.get("ci95_range", s["ci95"])
+    if isinstance(ci, list):
+        return f"{s['mean']:.4g} [{ci[0]:.4g}, {ci[1]:.4g}]"
+    return f"{s['mean']:.4g} ± {ci:.3g}"
+
+
+# The one win rate of every page, named where a win rate is shown.
+WIN_RATE = ("win rate: the share of seed-matched pairs (same prompt and seed) in which the first image (with the "
+            "LoRA, after, or folder A) scores higher than the second (strength 0, before, or folder B), a tie "
+            "counting one half, with its 95 % Wilson interval")
 
 
 def folder_kind(folder: Path) -> str:
@@ -125,15 +135,17 @@ def before_after_pairs(folder: Path, n: int, base: str | None, prompts: list[str
                          ["before (base)", "after (base + LoRA)"], f"DDIM 20 steps, CFG 5, {base}")
     rows = None
     if source is not None and source.judge is not None:
-        from spo.show.scoring import mean_ci
+        from spo.stats import mean_summary, win_fractions
 
         judged_b, judged_a = source.judge(before, prompts), source.judge(after, prompts)
         aes_b, aes_a = judged_b["aesthetic"], judged_a["aesthetic"]
         al_b, al_a = judged_b["alignment"], judged_a["alignment"]
-        wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(aes_a, aes_b)]
-        rows = [["judge aesthetic", _ci_text(mean_ci(aes_b)), _ci_text(mean_ci(aes_a))],
-                ["judge alignment", _ci_text(mean_ci(al_b)), _ci_text(mean_ci(al_a))],
-                ["aesthetic win rate (after vs before)", "", _ci_text(mean_ci(wins))]]
+        wins = win_fractions(aes_a, aes_b)
+        rows = [["judge aesthetic", _ci_text(mean_summary(aes_b)), _ci_text(mean_summary(aes_a))],
+                ["judge alignment", _ci_text(mean_summary(al_b, proportion=True)),
+                 _ci_text(mean_summary(al_a, proportion=True))],
+                [f"aesthetic win rate, after (A) vs before (B), over these {n} pairs", "",
+                 _ci_text(mean_summary(wins, proportion=True))]]
     body = _figure(_b64_png(_pil_bytes(grid)), f"{n} seed-matched pairs: left without, right with the LoRA",
                    "before_after_pairs")
     if rows:
@@ -149,6 +161,18 @@ def sweep_section(folder: Path, root: Path) -> str:
              f"{html.escape(', '.join(lo['name'] for lo in data.get('loras', [])) or 'none')}</p>"]
     if data.get("suggestion"):
         parts.append(f'<p class="suggest">{html.escape(data["suggestion"]["text"])}</p>')
+        comps = data["suggestion"].get("comparisons") or []
+        if comps:
+            align = "alignment_change_points" in comps[0]
+            parts.append(_table(
+                ["strength", "pairs", "difference from strength 0 [95% CI]", "win rate vs strength 0 [95% CI]",
+                 "wins / ties / losses"] + (["alignment change (points) [95% CI]"] if align else []),
+                [[c["strength"], c["n"], _ci_text({"mean": c["difference"], "ci95": c["ci95"]}),
+                  _ci_text({"mean": c["win_rate"], "ci95": c["win_rate_ci95"]}), f"{c['wins']} / {c['ties']} / {c['losses']}"]
+                 + ([_ci_text({"mean": c["alignment_change_points"], "ci95": c["alignment_ci95_points"]})] if align else [])
+                 for c in comps]))
+    elif data.get("suggestion_note"):
+        parts.append(f'<p class="suggest">{html.escape(data["suggestion_note"])}</p>')
     for page in data["pages"]:
         parts.append(_file_figure(folder / page["file"], root))
     if data.get("plot") and (folder / data["plot"]).is_file():
@@ -156,7 +180,7 @@ def sweep_section(folder: Path, root: Path) -> str:
     stats = data.get("score_stats")
     if stats:
         cols = [k for k in next(iter(stats.values())) if k != "n"]
-        parts.append(_table([data["score_axis"], "n"] + [f"{c} (mean ± 95% CI)" for c in cols],
+        parts.append(_table([data["score_axis"], "n"] + [f"{c} (mean [95% CI])" for c in cols],
                             [[v, s["n"]] + [_ci_text(s[c]) for c in cols] for v, s in stats.items()]))
     links = " ".join(f'<a href="{html.escape(_rel(folder / c["file"], root))}">{html.escape(c["file"])}</a>'
                      for c in data["cells"])
@@ -176,9 +200,10 @@ def scores_section(folder: Path) -> str:
         rows = [[col, _ci_text(r["win_rate"]), r["wins"], r["ties"], r["losses"], _ci_text(r["difference"])]
                 for col, r in data["a_vs_b"].items()]
         return (f"<p>{html.escape(data['a'])} (A) vs {html.escape(data['b'])} (B), {data['n_pairs']} seed-matched pairs</p>"
-                + _table(["score", "A win rate (95% CI)", "wins", "ties", "losses", "mean A - B"], rows))
+                + _table(["score", f"A win rate over {data['n_pairs']} pairs [95% CI]", "wins", "ties", "losses",
+                          "mean A - B [95% CI]"], rows))
     rows = [[col, s["n"], _ci_text(s)] for col, s in data.get("scores", {}).items()]
-    return f"<p>{html.escape(str(data.get('folder', folder)))}</p>" + _table(["score", "n", "mean ± 95% CI"], rows)
+    return f"<p>{html.escape(str(data.get('folder', folder)))}</p>" + _table(["score", "n", "mean [95% CI]"], rows)
 
 
 def images_section(folder: Path, root: Path, limit: int = 64) -> str:
@@ -199,7 +224,7 @@ def training_section(folder: Path, root: Path, pairs: int, base: str | None, pro
         parts.append("<h3>Before / after (same seeds and prompts)</h3>" + body)
     if (folder / "before_after.json").is_file():
         ba = _read_json(folder / "before_after.json")
-        parts.append(f"<p>{html.escape(ba.get('text', ''))}</p>")
+        parts.append(f"<p>Evaluation saved with the run (before_after.json): {html.escape(ba.get('text', ''))}</p>")
     if (folder / "before_after.png").is_file():
         parts.append(_file_figure(folder / "before_after.png", root, "before_after.png: base / LoRA, pairs side by side"))
     history = _read_json(folder / "history.json") if (folder / "history.json").is_file() else []
@@ -258,6 +283,8 @@ def build_report(folder: str | Path, out: str | Path | None = None, *, sweeps=()
     page = (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
             f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>\n{body}\n"
             "<p><small>Images are seed-matched: cells and pairs differ only in the stated setting. "
-            "Intervals are normal-approximation 95% confidence intervals.</small></p></body></html>\n")
+            "Intervals are 95 %: Student t for means of fewer than 100 values (normal from there), Wilson for "
+            f"proportions (alignment, win rates), kept inside the range of the score where it is known. "
+            f"{html.escape(WIN_RATE[0].upper() + WIN_RATE[1:])}.</small></p></body></html>\n")
     write_text(out, page)
     return out

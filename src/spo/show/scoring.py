@@ -1,4 +1,4 @@
-"""Score a folder of images with the scorers at hand; summaries with 95% CIs; seed-matched win rates.
+"""Score a folder of images with the scorers at hand; summaries with 95% intervals (spo.stats); seed-matched win rates.
 
 Scorers: the toy judge (aesthetic + alignment; exact for toy captions), a step-aware preference model at
 t = 0 (or any "module:function" scorer), and, when the user has the weights locally, PickScore (a CLIPModel
@@ -14,12 +14,12 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import re
 from pathlib import Path
 
 import numpy as np
 
+from spo import stats
 from spo.errors import SpoInputError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -124,20 +124,37 @@ def _load_pil(paths):
 # ------------------------------------------------------------------------------------------- scorers
 
 
-def tensor_scorer(spec: str, family: str | None = None):
-    """An SPM folder or "module:function" (spo.spm.scoring.load_scorer) as f(PIL images, prompts) -> [float] at t = 0."""
+def pil_scorer(fn):
+    """f(8-bit PIL images, prompts) -> [float] as a Scorer of the one protocol (spo.spm.scoring.Scorer): the
+    [-1, 1] batch is turned back into the very same 8-bit images, so such a scorer's figures do not change."""
+    from spo.images import tensor_to_images
+
+    def scorer(images, prompts, timesteps=None):
+        return [float(v) for v in fn(tensor_to_images(images), list(prompts))]
+
+    return scorer
+
+
+def score_pil(scorer, images, prompts) -> list[float]:
+    """Score PIL images (any sizes) with a Scorer at t = 0: one [-1, 1] batch per image size, results in order."""
     import torch
 
-    from spo.spm.scoring import load_scorer, score_images
+    from spo.images import images_to_tensor
 
-    scorer = load_scorer(spec, family=family)
-
-    def score(images, prompts):
-        x = torch.stack([torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32)).permute(2, 0, 1)
-                         for im in images]) / 127.5 - 1.0
-        return score_images(scorer, x, prompts, torch.zeros(len(images), dtype=torch.long)).tolist()
-
-    return score
+    out: list[float] = [0.0] * len(images)
+    by_size: dict[tuple, list[int]] = {}
+    for i, im in enumerate(images):
+        by_size.setdefault(im.size, []).append(i)
+    for idx in by_size.values():
+        with torch.no_grad():
+            got = scorer(images_to_tensor([images[i] for i in idx]), [prompts[i] for i in idx],
+                         torch.zeros(len(idx), dtype=torch.long))
+        vals = got.float().cpu().tolist() if isinstance(got, torch.Tensor) else [float(v) for v in got]
+        if len(vals) != len(idx):
+            raise SpoInputError(f"a scorer returned {len(vals)} scores for {len(idx)} images")
+        for i, v in zip(idx, vals):
+            out[i] = v
+    return out
 
 
 def pickscore_scorer(folder: str | Path):
@@ -248,27 +265,30 @@ def imagereward_scorer(weights: str):
 def build_scorers(*, judge: bool = False, spm: str | None = None, family: str | None = None,
                   pickscore: str | None = None, hpsv2: bool = False, imagereward: str | None = None,
                   laion_aesthetic: str | None = None, laion_clip: str | None = None) -> dict:
-    """name -> f(PIL images, prompts) -> {column: [floats]}. The toy judge is the default."""
+    """name -> {column: Scorer} (spo.spm.scoring.Scorer, the one protocol). The toy judge is the default.
+
+    SPMs, CLIP folders and "module:function" scorers come from spo.spm.scoring.load_scorer; the packages that
+    take PIL images (PickScore's processor, HPSv2, ImageReward, the LAION head, the judge) through pil_scorer.
+    """
+    from spo.spm.scoring import load_scorer
+
     scorers = {}
     if spm:
-        f = tensor_scorer(spm, family)
-        scorers["spm"] = lambda ims, ps: {"spm_t0": f(ims, ps)}
+        scorers["spm"] = {"spm_t0": load_scorer(spm, family=family)}
     if pickscore:
-        f1 = pickscore_scorer(pickscore)
-        scorers["pickscore"] = lambda ims, ps: {"pickscore": f1(ims, ps)}
+        scorers["pickscore"] = {"pickscore": pil_scorer(pickscore_scorer(pickscore))}
     if hpsv2:
-        f2 = hpsv2_scorer()
-        scorers["hpsv2"] = lambda ims, ps: {"hpsv2": f2(ims, ps)}
+        scorers["hpsv2"] = {"hpsv2": pil_scorer(hpsv2_scorer())}
     if imagereward:
-        f3 = imagereward_scorer(imagereward)
-        scorers["imagereward"] = lambda ims, ps: {"imagereward": f3(ims, ps)}
+        scorers["imagereward"] = {"imagereward": pil_scorer(imagereward_scorer(imagereward))}
     if laion_aesthetic:
-        f4 = laion_aesthetic_scorer(laion_aesthetic, laion_clip)
-        scorers["laion_aesthetic"] = lambda ims, ps: {"laion_aesthetic": f4(ims, ps)}
+        scorers["laion_aesthetic"] = {"laion_aesthetic": pil_scorer(laion_aesthetic_scorer(laion_aesthetic, laion_clip))}
     if judge or not scorers:
         from spo import sources
 
-        scorers["judge"] = sources.default().judge
+        judge = sources.default().judge  # (PIL images, prompts) -> {"aesthetic": [...], "alignment": [...]}
+        scorers["judge"] = {col: pil_scorer(lambda ims, ps, col=col: judge(ims, ps)[col])
+                            for col in ("aesthetic", "alignment")}
     return scorers
 
 
@@ -283,21 +303,15 @@ def score_records(records: list[dict], scorers: dict, chunk: int = 16, desc: str
         part = records[start:start + chunk]
         images = _load_pil([r["path"] for r in part])
         prompts = [r["prompt"] for r in part]
-        for f in scorers.values():
-            for col, vals in f(images, prompts).items():
-                for row, v in zip(rows[start:start + chunk], vals):
-                    row[col] = float(v)
+        for columns in scorers.values():
+            for col, scorer in columns.items():
+                for row, v in zip(rows[start:start + chunk], score_pil(scorer, images, prompts)):
+                    row[col] = v
     return rows
 
 
-def mean_ci(values) -> dict:
-    """Mean, std and the normal-approximation 95% CI (mean ± 1.96 sd / sqrt(n))."""
-    v = np.asarray(values, dtype=float)
-    n = int(v.size)
-    mean = float(v.mean()) if n else float("nan")
-    sd = float(v.std(ddof=1)) if n > 1 else 0.0
-    half = 1.96 * sd / math.sqrt(n) if n > 1 else 0.0
-    return {"n": n, "mean": mean, "std": sd, "ci95": [mean - half, mean + half], "ci95_half_width": half}
+# Score columns that are 0/1 per image: their summaries are proportions (Wilson intervals, inside [0, 1]).
+PROPORTION_COLUMNS = ("alignment",)
 
 
 def score_columns(rows: list[dict]) -> list[str]:
@@ -305,7 +319,9 @@ def score_columns(rows: list[dict]) -> list[str]:
 
 
 def summarize(rows: list[dict]) -> dict:
-    return {col: mean_ci([r[col] for r in rows]) for col in score_columns(rows)}
+    """Per score column: mean with its 95 % interval (spo.stats: Student t for small n; Wilson for proportions)."""
+    return {col: stats.mean_summary([r[col] for r in rows], proportion=col in PROPORTION_COLUMNS)
+            for col in score_columns(rows)}
 
 
 def rows_csv(rows: list[dict]) -> str:
@@ -332,12 +348,15 @@ def match_records(a: list[dict], b: list[dict]) -> list[tuple[dict, dict]]:
 
 
 def win_rates(rows_a: list[dict], rows_b: list[dict]) -> dict:
-    """Per score: win rate of A over B (ties count one half) and the mean paired difference, with 95% CIs."""
+    """Per score: win rate of A over B (the share of seed-matched pairs where A scores higher, ties counting one
+    half; Wilson 95 % interval) and the mean paired difference A - B (Student t 95 % interval for small n)."""
     out = {}
     for col in score_columns(rows_a):
         a = np.array([r[col] for r in rows_a])
         b = np.array([r[col] for r in rows_b])
-        wins = np.where(a > b, 1.0, np.where(a < b, 0.0, 0.5))
-        out[col] = {"win_rate": mean_ci(wins), "difference": mean_ci(a - b),
+        wins = stats.win_fractions(a, b)
+        bounds = (-1.0, 1.0) if col in PROPORTION_COLUMNS else None  # a difference of two 0/1 scores
+        out[col] = {"win_rate": stats.mean_summary(wins, proportion=True),
+                    "difference": stats.mean_summary(a - b, bounds),
                     "wins": int((a > b).sum()), "ties": int((a == b).sum()), "losses": int((a < b).sum())}
     return out

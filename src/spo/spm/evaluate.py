@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from spo import sources
+from spo import sources, stats
 from spo.errors import SpoInputError
 
 DEFAULT_TIMESTEPS = (0, 251, 501, 701, 951)
@@ -51,19 +51,16 @@ def pairwise_log_loss(s0: np.ndarray, s1: np.ndarray, preferred: np.ndarray) -> 
 
 
 def paired_difference(correct_a: np.ndarray, correct_b: np.ndarray) -> tuple[float, float]:
-    """Accuracy of b minus accuracy of a on the same pairs, with a 95 % normal-approximation CI.
+    """Accuracy of b minus accuracy of a on the same pairs, with its 95 % half-width (spo.stats: Student t below
+    100 pairs, normal above).
 
     Pairing removes the variance both scorers share (how hard each pair is), so this interval is narrower than
     one combined from the two accuracies' own intervals, and it is the one that answers "is b better than a".
     """
-    d = np.asarray(correct_b, dtype=np.float64) - np.asarray(correct_a, dtype=np.float64)
-    if len(d) < 2:
+    if len(correct_a) < 2:
         return float("nan"), float("nan")
-    return float(d.mean()), float(1.96 * d.std(ddof=1) / math.sqrt(len(d)))
-
-
-def binomial_ci95(acc: float, n: int) -> float:
-    return float(1.96 * math.sqrt(max(acc * (1 - acc), 0.0) / n)) if n > 0 and math.isfinite(acc) else float("nan")
+    d = stats.paired_difference(correct_b, correct_a)
+    return d.estimate, d.half_width
 
 
 def judge_aesthetic_pairs(pairs, judge) -> np.ndarray:
@@ -184,7 +181,7 @@ def evaluate(spm_paths: Sequence[str | Path], data: Sequence[str | Path], *, bas
         acc = {str(t): float(correct[(m, t)].mean()) for t in timesteps}
         models.append({"path": str(path), "name": model_name(path, spm), "time_conditioning": spm.time_conditioning,
                        "family": spm.family, "accuracy": acc,
-                       "ci95": {k: binomial_ci95(v, len(decided)) for k, v in acc.items()},
+                       "ci95": {k: stats.proportion_half_width(v, len(decided)) for k, v in acc.items()},
                        "log_loss": {str(t): pairwise_log_loss(*s[t], preferred) for t in timesteps}})
     paired = []
     for a in range(len(spms)):

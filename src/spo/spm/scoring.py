@@ -1,6 +1,11 @@
-"""Scorers for the SPO trainer: an SPM folder, a CLIP folder or any `package.module:function`, behind one callable.
+"""The project's one scorer protocol (`Scorer`) and its loader: an SPM folder, a CLIP folder or any
+`package.module:function`, behind one callable.
 
-A scorer is `scorer(images, prompts, timesteps) -> scores [B]` with images in [-1, 1] as [B, 3, H, W].
+Every scorer, wherever it is used (SPO's preference, `spo spm eval` / `siblings`, `spo sweep`, `spo score`), is
+`scorer(images, prompts, timesteps=None) -> scores [B]` with images in [-1, 1] as [B, 3, H, W]. Step-aware
+preference models read the timesteps; clean-image scorers (a CLIP folder such as PickScore_v1, a model source's
+reference scorer, most user functions) ignore them. `spo score` and `spo sweep` use the same protocol (scorers
+of PIL images, such as PickScore through its processor, join it through spo.show.scoring.pil_scorer).
 `score_latents` is the hot path of SPO sampling: decode k candidates' x0-hat latents and score them.
 """
 
@@ -8,7 +13,7 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Protocol, Sequence
 
 import torch
 
@@ -16,7 +21,14 @@ from spo import sources
 from spo.errors import SpoInputError
 from spo.spm.model import CONFIG_NAME, StepAwarePreferenceModel, check_family
 
-Scorer = Callable[[torch.Tensor, Sequence[str], torch.Tensor], torch.Tensor]
+
+class Scorer(Protocol):
+    """images [B, 3, H, W] in [-1, 1], prompts [B], timesteps [B] (long; None or zeros: clean images) -> scores [B]
+    (a tensor, or anything torch.as_tensor takes). Callers here always pass timesteps; a scorer may ignore them.
+    Implemented by StepAwarePreferenceModel (SPM and CLIP folders), model sources' reference scorers, user functions."""
+
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str], timesteps: torch.Tensor | None = None, /):
+        ...
 
 
 def find_spm_dir(path: str | Path) -> Path | None:

@@ -15,14 +15,15 @@ still open at that step.
 
 from __future__ import annotations
 
-import math
-from typing import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 import torch
 
-# scorer(images in [-1, 1] [N, 3, H, W], prompts [N], t [N]) -> scores [N]: what spo.spm.scoring.load_scorer returns.
-Scorer = Callable[[torch.Tensor, Sequence[str], torch.Tensor], torch.Tensor]
+from spo.stats import proportion_half_width
+
+if TYPE_CHECKING:
+    from spo.spm.scoring import Scorer  # the one scorer protocol: what load_scorer returns
 
 DEFAULT_STEPS = (0, 4, 10, 14, 18)
 
@@ -39,7 +40,7 @@ def best_worst_agreement(scores: np.ndarray, reference: np.ndarray) -> dict:
     decided = (best != worst) & (d != 0)
     m = int(decided.sum())
     agree = float((d[decided] > 0).mean()) if m else float("nan")
-    ci = float(1.96 * math.sqrt(agree * (1 - agree) / m)) if m else float("nan")
+    ci = proportion_half_width(agree, m)  # the "+-" half-width this field has always held (spo.stats)
     return {"agreement": agree, "ci95": ci, "n": m, "pick_gain": float(d.mean()) if n else float("nan")}
 
 

@@ -15,12 +15,12 @@ import platform
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from spo.ddim import add_noise
+from spo.images import images_to_tensor
 from spo.models.family import encode, trainable_text_encoders
 from spo.toy.defaults import MODELS as DEFAULT_BUDGET, TOY_MODEL_DIR
 from spo.toy.models import fresh_pipeline
@@ -35,11 +35,6 @@ def one_cycle(opt: torch.optim.Optimizer, max_lr: float, steps: int):
     when the warm-up phase is exactly one step long (e.g. 20 steps at 5 %)."""
     return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=max_lr, total_steps=steps,
                                                pct_start=min(0.4, max(0.05, 3.0 / steps)))
-
-
-def _images_to_tensor(images) -> torch.Tensor:
-    x = np.stack([np.asarray(im, dtype=np.float32) / 127.5 - 1.0 for im in images])
-    return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
 
 
 def train_vae(vae, pixels: torch.Tensor, steps: int, batch: int, seed: int) -> torch.Tensor:
@@ -143,7 +138,7 @@ def build(out_dir: Path = TOY_MODEL_DIR, families=("sd15", "sdxl"), n_images: in
     started = time.time()
     data = render_dataset(n_images, seed=seed, split="train")
     captions = [s.caption for s, _, _ in data]
-    pixels = _images_to_tensor([im for _, _, im in data])
+    pixels = images_to_tensor([im for _, _, im in data])
     info = {"seed": seed, "n_images": n_images, "vae_steps": 0 if continue_from else vae_steps,
             "decoder_steps": decoder_steps, "unet_steps": unet_steps, "batch": batch,
             "snr_gamma": SNR_GAMMA, "ema_decay": EMA_DECAY,

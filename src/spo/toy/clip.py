@@ -24,14 +24,15 @@ def pretrain_clip(out_dir: str | Path, n_images: int = DEFAULT_BUDGET["n_images"
     from spo.io import atomic_dir, write_json
     from spo.spm.model import CLIP_MEAN, CLIP_STD, toy_config
     from spo.tokenizer import load_clip_tokenizer
-    from spo.toy.build import _images_to_tensor, one_cycle
+    from spo.images import images_to_tensor
+    from spo.toy.build import one_cycle
     from spo.toy.render import render_dataset
 
     torch.manual_seed(seed)
     torch.set_flush_denormal(True)
     started = time.time()
     data = render_dataset(n_images, seed=seed + 100, split="train")
-    pixels = (_images_to_tensor([im for _, _, im in data]) + 1) / 2  # [0, 1], then CLIP's normalisation
+    pixels = (images_to_tensor([im for _, _, im in data]) + 1) / 2  # [0, 1], then CLIP's normalisation
     mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
     pixels = (pixels - mean) / std
     tok = load_clip_tokenizer()

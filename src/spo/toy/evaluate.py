@@ -22,6 +22,7 @@ def before_after(base: str, lora: str | Path, n: int = 256, seed: int = 0, out: 
     from spo.io import save_image, write_json
     from spo.models.loading import load_pipeline
     from spo.show.grid import image_grid
+    from spo.stats import mean_half_width, proportion_interval, win_fractions
 
     pipe = load_pipeline(base)
     before, images_before = evaluate_pipeline(pipe, n, seed)
@@ -31,20 +32,22 @@ def before_after(base: str, lora: str | Path, n: int = 256, seed: int = 0, out: 
     a0 = np.asarray(before["per_image"]["aesthetic"])
     a1 = np.asarray(after["per_image"]["aesthetic"])
     diff = a1 - a0
+    wins = proportion_interval(win_fractions(a1, a0))
     gain_sd = float(diff.mean() / a0.std(ddof=1)) if a0.std(ddof=1) > 0 else 0.0
     report = {
         "base": base, "lora": str(lora), "n": n, "seed": seed, "strength": strength,
         "aesthetic_before": before["aesthetic_mean"], "aesthetic_after": after["aesthetic_mean"],
-        "aesthetic_gain": float(diff.mean()), "aesthetic_gain_ci95": float(1.96 * diff.std(ddof=1) / np.sqrt(n)),
+        "aesthetic_gain": float(diff.mean()), "aesthetic_gain_ci95": mean_half_width(diff),  # spo.stats
         "aesthetic_gain_in_base_std": gain_sd,
-        "win_rate": float((diff > 0).mean()),
+        "win_rate": wins.estimate, "win_rate_ci95": wins.as_pair(),  # ties count one half (spo.stats)
         "alignment_before": before["alignment"], "alignment_after": after["alignment"],
         "alignment_change_points": 100 * (after["alignment"] - before["alignment"]),
     }
     report["text"] = (
         f"judge on {n} held-out captions, same seeds: aesthetic {report['aesthetic_before']:.3f} -> "
         f"{report['aesthetic_after']:.3f} ({gain_sd:+.2f} base std, 95% CI of gain ±{report['aesthetic_gain_ci95']:.3f}, "
-        f"win rate {100 * report['win_rate']:.0f}%), alignment {100 * before['alignment']:.1f}% -> "
+        f"win rate {100 * wins.estimate:.0f}% [{100 * wins.low:.0f}, {100 * wins.high:.0f}]), "
+        f"alignment {100 * before['alignment']:.1f}% -> "
         f"{100 * after['alignment']:.1f}%")
     if out is not None:
         out = Path(out)
