@@ -47,7 +47,7 @@ def test_webui_export_loads_in_diffusers_identically(family, tmp_path):
     meta = read_metadata(out["webui"])
     assert meta["ss_base_model_version"] == {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0"}[family]
     assert meta["modelspec.architecture"] == {"sd15": "stable-diffusion-v1/lora", "sdxl": "stable-diffusion-xl-v1-base/lora"}[family]
-    assert meta["ss_network_module"] == "networks.lora" and meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "8"
+    assert meta["ss_network_module"] == "networks.lora" and meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "8.0"
     assert meta["sshs_model_hash"] == data_sha256(out["webui"])
     assert meta["modelspec.hash_sha256"] == "0x" + meta["sshs_model_hash"]
     assert json.loads(meta["ss_spo_training"])["steps"] == 3
