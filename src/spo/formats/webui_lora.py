@@ -254,18 +254,20 @@ def read_run_summary(source: Path) -> tuple[dict | None, float | None]:
 
 
 def default_export_name(source: Path, training: dict | None, family: str) -> str:
-    """`<run>_<method>_<family>` for a LoRA saved by a training run (`<run>/lora/pytorch_lora_weights.safetensors`,
-    with its training_summary.json); otherwise the file's stem or the LoRA folder's name."""
+    """`<run>_<method>_<family>` for a LoRA saved by a training run (`<run>/lora/pytorch_lora_weights.safetensors`
+    with its training_summary.json; `<run>/lora-epoch-003/...` adds `_epoch-003`); otherwise the file's stem or the
+    LoRA folder's name."""
     folder = source.parent if source.name == "pytorch_lora_weights.safetensors" else None
-    if training and folder is not None:
-        run = folder.resolve().parent.name if folder.name == "lora" else folder.name
-        method = str(training.get("method") or "lora").lower()
-        parts = [run, method, str(training.get("family") or family)]
+    if folder is not None and (folder.name == "lora" or folder.name.startswith("lora-") or training):
+        in_run = folder.name == "lora" or folder.name.startswith("lora-")
+        run = folder.resolve().parent.name if in_run else folder.name
+        method = str(training.get("method") or "") if training else ""
+        fam = str(training.get("family") or family) if training else family
+        parts = [run, method.lower(), fam, folder.name[len("lora-"):] if folder.name.startswith("lora-") else ""]
         name = "_".join(p for i, p in enumerate(parts) if p and p not in parts[:i])
     else:
         name = folder.name if folder is not None else source.stem
-    name = re.sub(r"\s+", "_", _BAD_NAME.sub("_", name)).strip("._") or "lora"
-    return name
+    return re.sub(r"\s+", "_", _BAD_NAME.sub("_", name)).strip("._") or "lora"
 
 
 def check_export_name(name: str) -> str:
@@ -373,8 +375,9 @@ def diffusers_metadata(metadata: dict[str, str], state_dict, alphas, family: str
     meta["format"] = "pt"  # what diffusers' save_lora_weights writes
     meta["lora_adapter_metadata"] = json.dumps(_adapter_metadata(state_dict, alphas), sort_keys=True)
     meta["spo.lora_format"] = "diffusers"
-    meta["spo.note"] = ("diffusers/peft key names, for diffusers' load_lora_weights; A1111, ComfyUI and kohya read "
-                        f"the webui file ({metadata.get('ss_output_name', 'NAME')}_webui.safetensors)")
+    meta["spo.note"] = ("diffusers/peft key names, for diffusers' load_lora_weights only; for A1111, ComfyUI and kohya "
+                        f"use the webui export ({metadata.get('ss_output_name', 'NAME')}_webui.safetensors, "
+                        "`spo export --format webui`)")
     return meta
 
 
