@@ -215,7 +215,12 @@ def test_diffusers_export_text_encoders_load_in_diffusers(family, tmp_path):
     te_keys = [k for k in tensors if k.startswith("text_encoder")]
     assert te_keys and all(k.split(".", 1)[1].startswith("text_model.encoder.layers.") for k in te_keys), te_keys[:3]
 
-    base = _text_features(load_pipeline(f"toy:{family}"), family)
+    base_pipe = load_pipeline(f"toy:{family}")
+    # ComfyUI maps diffusers-format text-encoder keys only under these names (its "diffusers lora" entries)
+    key_map = comfy_model_lora_keys_clip(set(_comfy_clip_keys(base_pipe, family)), {})
+    assert all(k.rsplit(".lora_", 1)[0] in key_map for k in te_keys)
+
+    base = _text_features(base_pipe, family)
     got, want = load_pipeline(f"toy:{family}"), load_pipeline(f"toy:{family}")
     got.load_lora_weights(str(out["diffusers"].parent))
     want.load_lora_weights(str(src.parent))

@@ -121,6 +121,9 @@ def test_export_cli(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "stable-diffusion-v1/lora" in r.stdout
     path = tmp_path / "out" / "spo_sd15_webui.safetensors"
+    # A1111/ComfyUI users are pointed at the webui file, not at the diffusers folder
+    [a1111] = [ln for ln in r.stdout.splitlines() if ln.startswith("A1111")]
+    assert str(path) in a1111 and "<lora:spo_sd15:1>" in a1111
     assert read_metadata(path)["modelspec.license"] == "apache-2.0"
     assert (tmp_path / "out" / "spo_sd15_diffusers" / "pytorch_lora_weights.safetensors").is_file()
     for args in (["export", str(tmp_path / "nope.safetensors"), "--out", str(tmp_path)],
