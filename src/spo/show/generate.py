@@ -80,7 +80,10 @@ class LoraSpec:
         data after the header (the order A1111's Lora extension takes them in)."""
         from spo.formats.metadata import data_sha256, read_metadata
 
-        stored = str(read_metadata(self.path).get("sshs_model_hash", ""))
+        try:
+            stored = str(read_metadata(self.path).get("sshs_model_hash", ""))
+        except (ValueError, AttributeError, OSError, SpoInputError):  # an odd header: the data hash still tells
+            stored = ""
         if re.fullmatch(r"[0-9a-fA-F]{64}", stored):
             return stored[:12].lower()
         return data_sha256(self.path)[:12]
