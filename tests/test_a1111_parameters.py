@@ -98,3 +98,25 @@ def test_seed_written_is_the_seed_torch_ran_with():
     line = gen.infotext(PROMPT, -1, st, (32, 32)).split("\n")[-1]
     assert a1111_parameter_line(line)["Seed"] == str(2**64 - 1) == str(it.seed_used(-1))
     assert it.seed_used(123) == 123
+
+
+def test_checkpoint_hash_streamed_and_cached_while_the_file_is_unchanged(tmp_path, monkeypatch):
+    from spo.formats import metadata as md
+
+    f = tmp_path / "ckpt.safetensors"
+    f.write_bytes(bytes(range(256)) * 5000)
+    monkeypatch.setenv("SPO_HASH_CACHE", str(tmp_path / "cache" / "sha256.json"))
+    monkeypatch.setattr(md, "PERSISTENT_MIN_BYTES", 1000)  # treat this small file as a big checkpoint
+    want = hashlib.sha256(f.read_bytes()).hexdigest()
+    assert md.a1111_model_hash(f) == want[:10]
+    entry = json.loads((tmp_path / "cache" / "sha256.json").read_text())[str(f.resolve())]
+    assert entry["sha256"] == want and entry["size"] == f.stat().st_size
+    # a later run (empty in-process cache) takes the stored hash: proven by a stored value that is not the file's
+    md._SHA_CACHE.clear()
+    entry["sha256"] = "f" * 64
+    (tmp_path / "cache" / "sha256.json").write_text(json.dumps({str(f.resolve()): entry}))
+    assert md.file_sha256(f) == "f" * 64
+    # the file changes: its size/mtime no longer match, so it is hashed again
+    md._SHA_CACHE.clear()
+    f.write_bytes(b"changed" * 500)
+    assert md.file_sha256(f) == hashlib.sha256(b"changed" * 500).hexdigest()

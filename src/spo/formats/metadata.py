@@ -191,17 +191,56 @@ def legacy_hash(path: str | Path) -> str:
 
 _SHA_CACHE: dict[tuple, str] = {}
 _SHA_LOCK = threading.Lock()
+# Files this big get their sha256 remembered across runs too (A1111 keeps such a cache.json): rehashing a 6 GB
+# checkpoint on every `spo generate` costs as much as loading it.
+PERSISTENT_MIN_BYTES = 64 << 20
+
+
+def hash_cache_path() -> Path:
+    """$SPO_HASH_CACHE, else $XDG_CACHE_HOME/spo/sha256.json (~/.cache/spo/sha256.json)."""
+    if os.environ.get("SPO_HASH_CACHE"):
+        return Path(os.environ["SPO_HASH_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "spo" / "sha256.json"
+
+
+def _read_hash_cache(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _remember(key: tuple, digest: str) -> None:
+    """Add one entry to the persistent cache; a cache that cannot be written is simply not kept."""
+    from spo.io import write_json
+
+    path = hash_cache_path()
+    data = _read_hash_cache(path)
+    data[key[0]] = {"size": key[1], "mtime_ns": key[2], "sha256": digest}
+    try:
+        write_json(path, data)
+    except Exception:  # noqa: BLE001 - a read-only home or full disk must not fail a generation
+        pass
 
 
 def file_sha256(path: str | Path) -> str:
-    """sha256 (hex) of a whole file, read in 1 MiB blocks (a 6 GB checkpoint never sits in memory), remembered for
-    this process while the file's size and mtime stay the same (a sweep asks once per image)."""
+    """sha256 (hex) of a whole file, read in 1 MiB blocks (a 6 GB checkpoint never sits in memory), remembered
+    while the file's size and mtime stay the same: in this process, and for big files in hash_cache_path()."""
     path = Path(path)
     st = path.stat()
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
     with _SHA_LOCK:
         if key in _SHA_CACHE:
             return _SHA_CACHE[key]
+    persistent = st.st_size >= PERSISTENT_MIN_BYTES
+    if persistent:
+        entry = _read_hash_cache(hash_cache_path()).get(key[0])
+        if (isinstance(entry, dict) and entry.get("size") == key[1] and entry.get("mtime_ns") == key[2]
+                and isinstance(entry.get("sha256"), str) and len(entry["sha256"]) == 64):
+            with _SHA_LOCK:
+                _SHA_CACHE[key] = entry["sha256"]
+            return entry["sha256"]
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -209,6 +248,8 @@ def file_sha256(path: str | Path) -> str:
     digest = h.hexdigest()
     with _SHA_LOCK:
         _SHA_CACHE[key] = digest
+    if persistent:
+        _remember(key, digest)
     return digest
 
 
