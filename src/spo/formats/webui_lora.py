@@ -265,8 +265,8 @@ def default_export_name(source: Path, training: dict | None, family: str) -> str
         fam = str(training.get("family") or family) if training else family
         parts = [run, method.lower(), fam, folder.name[len("lora-"):] if folder.name.startswith("lora-") else ""]
         name = "_".join(p for i, p in enumerate(parts) if p and p not in parts[:i])
-    else:
-        name = folder.name if folder is not None else source.stem
+    else:  # a webui file exported before keeps its name ("x_webui" -> "x", written again as x_webui)
+        name = folder.name if folder is not None else source.stem.removesuffix("_webui")
     return re.sub(r"\s+", "_", _BAD_NAME.sub("_", name)).strip("._") or "lora"
 
 
