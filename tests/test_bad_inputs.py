@@ -141,6 +141,17 @@ CASES = [
     ("toy-sample-missing-model", ["toy", "sample", "--model", "{t}/nope", "--out", "{t}/o"], ["nope"], ["{t}/o"]),
 ]
 
+# export (H4)
+NAN_LORA = str(Path(__file__).parent / "data" / "nan_lora.safetensors")  # a one-module SD1.5 webui LoRA, one NaN
+CASES += [
+    ("export-out-is-file", ["export", "{lora}", "--out", "{keep}"], ["{keep}", "not a folder"], ["{keep}"]),
+    ("export-out-names-a-file", ["export", "{lora}", "--out", "{t}/x.safetensors"], ["folder"], ["{t}/x.safetensors"]),
+    ("export-nan-lora", ["export", NAN_LORA, "--out", "{t}/o"],
+     ["lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight", "non-finite"], ["{t}/o"]),
+    ("export-bad-name", ["export", "{lora}", "--out", "{t}/o", "--name", "a/b"], ["a/b"], ["{t}/o"]),
+    ("export-zero-alpha", ["export", "{lora}", "--out", "{t}/o", "--alpha", "0"], ["alpha"], ["{t}/o"]),
+]
+
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):

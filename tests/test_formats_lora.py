@@ -47,7 +47,7 @@ def test_webui_export_loads_in_diffusers_identically(family, tmp_path):
     meta = read_metadata(out["webui"])
     assert meta["ss_base_model_version"] == {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0"}[family]
     assert meta["modelspec.architecture"] == {"sd15": "stable-diffusion-v1/lora", "sdxl": "stable-diffusion-xl-v1-base/lora"}[family]
-    assert meta["ss_network_module"] == "networks.lora" and meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "8"
+    assert meta["ss_network_module"] == "networks.lora" and meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "8.0"
     assert meta["sshs_model_hash"] == data_sha256(out["webui"])
     assert meta["modelspec.hash_sha256"] == "0x" + meta["sshs_model_hash"]
     assert json.loads(meta["ss_spo_training"])["steps"] == 3
@@ -121,6 +121,9 @@ def test_export_cli(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "stable-diffusion-v1/lora" in r.stdout
     path = tmp_path / "out" / "spo_sd15_webui.safetensors"
+    # A1111/ComfyUI users are pointed at the webui file, not at the diffusers folder
+    [a1111] = [ln for ln in r.stdout.splitlines() if ln.startswith("A1111")]
+    assert str(path) in a1111 and "<lora:spo_sd15:1>" in a1111
     assert read_metadata(path)["modelspec.license"] == "apache-2.0"
     assert (tmp_path / "out" / "spo_sd15_diffusers" / "pytorch_lora_weights.safetensors").is_file()
     for args in (["export", str(tmp_path / "nope.safetensors"), "--out", str(tmp_path)],

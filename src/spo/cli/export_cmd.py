@@ -15,19 +15,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=["webui", "diffusers", "both"], default="both",
                         help="webui: A1111/ComfyUI/kohya keys; diffusers: peft keys (default: both)")
     parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
-    parser.add_argument("--name", default=None, help="title and file-name stem (default: from the input)")
+    parser.add_argument("--name", default=None,
+                        help="title, file-name stem and A1111 <lora:NAME:...> name (default: <run>_<method>_<family> "
+                             "for a training run's lora folder, else the input's name)")
     parser.add_argument("--family", choices=["sd15", "sdxl"], default=None,
                         help="the base model family: checked against the file, and used where the file does not "
                              "tell (a self-attention-only LoRA)")
     parser.add_argument("--alpha", type=float, default=None, help="override alpha (default: the file's, else rank)")
+    parser.add_argument("--base-model", default=None,
+                        help="the checkpoint it was trained on, written as ss_sd_model_name (default: the run's base)")
+    parser.add_argument("--clip-skip", type=int, default=None,
+                        help="CLIP skip used in training, written as ss_clip_skip (default: 1 for an SD1.5 run of ours)")
     parser.add_argument("--description", default=None)
     parser.add_argument("--license", default=None, help="e.g. apache-2.0 (written to modelspec.license)")
-    parser.add_argument("--training-summary", type=Path, default=None, help="JSON file of the run, stored in the metadata")
+    parser.add_argument("--training-summary", type=Path, default=None,
+                        help="JSON file of the run, stored in the metadata (default: the LoRA folder's training_summary.json)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from spo.formats.webui_lora import export_lora, read_safetensors
+    from spo.formats.webui_lora import export_lora, load_lora, modules_of, read_safetensors
 
+    if args.out.exists() and not args.out.is_dir():
+        raise SpoInputError(f"--out {args.out} exists and is not a folder (--out names the folder the files go to)")
+    if not args.out.exists() and args.out.suffix.lower() == ".safetensors":
+        raise SpoInputError(f"--out {args.out}: --out names a folder, not a file (files are named from --name)")
     training = None
     if args.training_summary is not None:
         try:
@@ -40,13 +51,20 @@ def run(args: argparse.Namespace) -> int:
             raise SpoInputError(f"{args.training_summary}: not JSON ({exc})") from None
     formats = ("webui", "diffusers") if args.format == "both" else (args.format,)
     written = export_lora(args.lora, args.out, formats=formats, dtype=args.dtype, name=args.name, family=args.family,
-                          alpha=args.alpha, description=args.description, license=args.license, training=training)
+                          alpha=args.alpha, description=args.description, license=args.license, training=training,
+                          base_model=args.base_model, clip_skip=args.clip_skip)
     for fmt, path in written.items():
-        tensors, meta = read_safetensors(path)
-        lora = {k: v for k, v in tensors.items() if not k.endswith(".alpha")}
-        n_mod = len({k.split(".lora_")[0] for k in lora})
-        n_par = sum(v.numel() for v in lora.values())
-        print(f"{fmt}: {path} | {meta.get('modelspec.architecture')} | {n_mod} modules, {n_par:,} parameters, "
-              f"rank {meta.get('ss_network_dim')}, alpha {meta.get('ss_network_alpha')}, {args.dtype}, "
-              f"{path.stat().st_size / 2**20:.2f} MiB | sshs {meta.get('sshs_model_hash', '')[:12]}")
+        meta = read_safetensors(path)[1]
+        state_dict, rank, alpha, _ = load_lora(path)  # read back as a client would: what the file really holds
+        mods = modules_of(state_dict)
+        n_par = sum(p["down"].numel() + p["up"].numel() for p in mods.values())
+        print(f"{fmt}: {path} | {meta.get('modelspec.architecture')} | {len(mods)} modules, {n_par:,} parameters, "
+              f"rank {rank}, alpha {alpha:g}, {args.dtype}, "
+              f"{path.stat().st_size / 2**20:.2f} MiB | sha256 {meta.get('modelspec.hash_sha256', '')[2:14]}")
+    if "webui" in written:
+        name = read_safetensors(written["webui"])[1].get("ss_output_name", written["webui"].stem)
+        print(f"A1111 / ComfyUI / kohya: copy {written['webui']} into models/Lora and use <lora:{name}:1>")
+    if "diffusers" in written:
+        print(f"diffusers: pipe.load_lora_weights('{written['diffusers'].parent}') "
+              "(this folder is for diffusers only: A1111 and ComfyUI do not apply its key names)")
     return 0

@@ -8,6 +8,9 @@ module names (kohya trains SD1 on the diffusers UNet); SDXL UNet paths use the o
 write and the only one its SDXL merge script reads, while A1111, ComfyUI and diffusers read it too. Text
 encoders: `lora_te_` (SD1.5), `lora_te1_` / `lora_te2_` (SDXL), with transformers' CLIP module names.
 diffusers has no exporter to this format, so it is written here (names from `spo.formats.single_file`).
+The diffusers-format export keeps peft's keys but writes text-encoder modules under CLIP's `text_model.` level
+(`text_encoder.text_model.encoder.layers...`), the names every diffusers version and ComfyUI read; it carries no
+kohya `ss_*` keys, so A1111 does not take it for one of its LoRAs (the webui file is the one for A1111/ComfyUI).
 
 In (`load_lora`): a webui/kohya file is converted with diffusers' own `lora_state_dict` (which maps sgm block
 names and kohya keys) and `convert_unet_state_dict_to_peft`; a diffusers file is read as it is.
@@ -16,6 +19,8 @@ names and kohya keys) and `convert_unet_state_dict_to_peft`; a diffusers file is
 from __future__ import annotations
 
 import json
+import math
+import re
 from collections import Counter
 from functools import lru_cache
 from pathlib import Path
@@ -220,24 +225,93 @@ def safetensors_size(shapes_dtypes: dict[str, tuple[tuple[int, ...], torch.dtype
     return 8 + len(raw) + (-len(raw) % 8) + offset
 
 
+RUN_SUMMARY = "training_summary.json"
+# Characters a file name or A1111's <lora:NAME:weight> tag cannot carry
+_BAD_NAME = re.compile(r'[\\/:<>"|?*\x00-\x1f]')
+
+
+def check_finite(tensors: dict[str, torch.Tensor], source) -> None:
+    """A LoRA with NaN/inf values gives black images in every client: refuse it, naming the first bad tensor."""
+    for k in sorted(tensors):
+        v = tensors[k]
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            n = int((~torch.isfinite(v)).sum())
+            raise SpoInputError(f"{source}: tensor {k} has {n} non-finite value(s) (NaN or inf); not exported")
+
+
+def read_run_summary(source: Path) -> tuple[dict | None, float | None]:
+    """The training summary saved beside a LoRA by `spo train` (its folder's training_summary.json), and when it
+    was written; (None, None) when there is none or it is unreadable (it only adds metadata)."""
+    folder = source if source.is_dir() else source.parent
+    path = folder / RUN_SUMMARY
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return (data if isinstance(data, dict) else None), path.stat().st_mtime
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None, None
+
+
+def default_export_name(source: Path, training: dict | None, family: str) -> str:
+    """`<run>_<method>_<family>` for a LoRA saved by a training run (`<run>/lora/pytorch_lora_weights.safetensors`
+    with its training_summary.json; `<run>/lora-epoch-003/...` adds `_epoch-003`); otherwise the file's stem or the
+    LoRA folder's name."""
+    folder = source.parent if source.name == "pytorch_lora_weights.safetensors" else None
+    if folder is not None and (folder.name == "lora" or folder.name.startswith("lora-") or training):
+        in_run = folder.name == "lora" or folder.name.startswith("lora-")
+        run = folder.resolve().parent.name if in_run else folder.name
+        method = str(training.get("method") or "") if training else ""
+        fam = str(training.get("family") or family) if training else family
+        parts = [run, method.lower(), fam, folder.name[len("lora-"):] if folder.name.startswith("lora-") else ""]
+        name = "_".join(p for i, p in enumerate(parts) if p and p not in parts[:i])
+    else:  # a webui file exported before keeps its name ("x_webui" -> "x", written again as x_webui)
+        name = folder.name if folder is not None else source.stem.removesuffix("_webui")
+    return re.sub(r"\s+", "_", _BAD_NAME.sub("_", name)).strip("._") or "lora"
+
+
+def check_export_name(name: str) -> str:
+    if not name or name in (".", "..") or _BAD_NAME.search(name):
+        raise SpoInputError(f"export name {name!r}: use a plain file-name stem (no / \\ : < > \" | ? * or control characters)")
+    return name
+
+
 def export_lora(source: str | Path, out_dir: str | Path, *, formats=("webui", "diffusers"), dtype: str = "fp32",
                 name: str | None = None, family: str | None = None, unet_config: dict | None = None,
                 alpha: float | None = None, description: str | None = None, license: str | None = None,
-                training: dict | None = None) -> dict[str, Path]:
+                training: dict | None = None, base_model: str | None = None, clip_skip: int | None = None,
+                started_at: float | None = None, finished_at: float | None = None) -> dict[str, Path]:
     """Write a diffusers-format LoRA (file or folder holding pytorch_lora_weights.safetensors) as webui and/or
-    diffusers files with kohya + modelspec metadata. Returns {format: path}."""
-    from spo.formats.metadata import lora_metadata, save_with_hashes
+    diffusers files with kohya + modelspec metadata. Returns {format: path}.
+
+    `training` (the run's summary; read from the LoRA folder's training_summary.json when not given) fills the
+    kohya keys A1111 shows: base model (`base_model` overrides its "base"), training start/end (`started_at`/
+    `finished_at`, else its "started_at"/"finished_at", else the summary's save time minus its "seconds"), and the
+    CLIP skip (`clip_skip`, else 1 for an SD1.5 run of ours: diffusers' encode_prompt uses the last layer).
+    Without a name, files are named `<run>_<method>_<family>` (see default_export_name).
+    """
+    from spo.formats.metadata import lora_metadata, save_with_hashes, training_times
+    from spo.io import check_output_dir
 
     if dtype not in DTYPES:
         raise SpoInputError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
     bad = set(formats) - {"webui", "diffusers"}
     if bad or not formats:
         raise SpoInputError(f"unknown LoRA format(s) {sorted(bad) or formats} (choose from webui, diffusers)")
+    if alpha is not None and not (math.isfinite(alpha) and alpha != 0):
+        raise SpoInputError(f"--alpha must be a finite non-zero number, got {alpha}")
+    if name is not None:
+        check_export_name(name)
+    out_dir = check_output_dir(out_dir)
     source = Path(source)
     if source.is_dir():
         source = source / "pytorch_lora_weights.safetensors"
     state_dict, meta = read_safetensors(source)
     kind = lora_format(state_dict)
+    check_finite(state_dict, source)
+    saved_at = None
+    if training is None:
+        training, saved_at = read_run_summary(source)
+    elif source.is_file():
+        saved_at = source.stat().st_mtime
     if kind == "webui":
         state_dict, rank, file_alpha, found = load_lora(source)
         alphas = {m: file_alpha for m in modules_of(state_dict)}
@@ -251,25 +325,58 @@ def export_lora(source: str | Path, out_dir: str | Path, *, formats=("webui", "d
     family = found
     if alpha is not None:
         alphas = {m: float(alpha) for m in alphas}
+    if not all(math.isfinite(a) for a in alphas.values()):
+        raise SpoInputError(f"{source}: non-finite alpha in its metadata or .alpha tensors; not exported")
     info = summarize(state_dict, alphas)
-    title = name or (source.parent.name if source.name == "pytorch_lora_weights.safetensors" else source.stem)
+    title = name or default_export_name(source, training, family)
+    started, finished = training_times(training, saved_at)
+    if clip_skip is None and training:
+        cfg = training.get("config") if isinstance(training.get("config"), dict) else {}
+        clip_skip = cfg.get("clip_skip") or training.get("clip_skip") or (1 if family == "sd15" else None)
     metadata = lora_metadata(family, info["rank"], info["alpha"], title, description=description, license=license,
-                             training=training, text_encoder=any(c != "unet" for c in info["components"]))
+                             training=training, text_encoder=any(c != "unet" for c in info["components"]),
+                             base_model=base_model, started_at=started_at if started_at is not None else started,
+                             finished_at=finished_at if finished_at is not None else finished, clip_skip=clip_skip)
     torch_dtype = DTYPES[dtype]
-    out_dir = Path(out_dir)
     written = {}
     if "webui" in formats:
         tensors = peft_to_webui(state_dict, alphas, family, unet_config or unet_config_for(state_dict, family), torch_dtype)
         written["webui"] = out_dir / f"{title}_webui.safetensors"
         save_with_hashes(tensors, written["webui"], metadata)
     if "diffusers" in formats:
-        tensors = {k: v.to(torch_dtype).contiguous() for k, v in state_dict.items()}
-        dmeta = dict(metadata)
-        dmeta["format"] = "pt"
-        dmeta["lora_adapter_metadata"] = json.dumps(_adapter_metadata(state_dict, alphas), sort_keys=True)
+        tensors = {_diffusers_te_key(k): v.to(torch_dtype).contiguous() for k, v in state_dict.items()}
         written["diffusers"] = out_dir / f"{title}_diffusers" / "pytorch_lora_weights.safetensors"
-        save_with_hashes(tensors, written["diffusers"], dmeta)
+        save_with_hashes(tensors, written["diffusers"], diffusers_metadata(metadata, state_dict, alphas, family),
+                         kohya_hashes=False)
     return written
+
+
+def _diffusers_te_key(key: str) -> str:
+    """Text-encoder keys with CLIP's `text_model.` level: the names diffusers (any version, with transformers 4 or
+    5), ComfyUI and kohya read; transformers >= 5.6 dropped that level from CLIPTextModel, so peft writes without it."""
+    component, _, rest = key.partition(".")
+    if component in ("text_encoder", "text_encoder_2") and rest.startswith(("encoder.", "embeddings.", "final_layer_norm.")):
+        return f"{component}.text_model.{rest}"
+    return key
+
+
+def diffusers_metadata(metadata: dict[str, str], state_dict, alphas, family: str) -> dict[str, str]:
+    """Metadata of the diffusers-format file: modelspec, diffusers' own keys, a note, and no kohya `ss_*` keys.
+
+    A1111 lists every .safetensors in its LoRA folder and reads ss_* keys as a kohya network's; this file's peft key
+    names match none of its modules, so with those keys it would show as a normal LoRA that silently does nothing.
+    """
+    from spo.formats.metadata import implementation
+
+    meta = {k: v for k, v in metadata.items() if k.startswith("modelspec.")}
+    meta["modelspec.implementation"] = implementation(family, "lora", key_names="diffusers")
+    meta["format"] = "pt"  # what diffusers' save_lora_weights writes
+    meta["lora_adapter_metadata"] = json.dumps(_adapter_metadata(state_dict, alphas), sort_keys=True)
+    meta["spo.lora_format"] = "diffusers"
+    meta["spo.note"] = ("diffusers/peft key names, for diffusers' load_lora_weights only; for A1111, ComfyUI and kohya "
+                        f"use the webui export ({metadata.get('ss_output_name', 'NAME')}_webui.safetensors, "
+                        "`spo export --format webui`)")
+    return meta
 
 
 def _adapter_metadata(state_dict, alphas) -> dict:
@@ -284,10 +391,16 @@ def _adapter_metadata(state_dict, alphas) -> dict:
         meta[f"{component}.lora_alpha"] = common_alpha
         meta[f"{component}.target_modules"] = sorted({p.split(".")[-1] if not p.endswith(".0") else ".".join(p.split(".")[-2:])
                                                       for (c, p) in mods if c == component})
-        meta[f"{component}.rank_pattern"] = {p: mods[(c, p)]["down"].shape[0] for (c, p) in mods
+        # peft matches these keys as module-name suffixes: without CLIP's `text_model.` they fit both layouts
+        meta[f"{component}.rank_pattern"] = {_pattern(p): mods[(c, p)]["down"].shape[0] for (c, p) in mods
                                              if c == component and mods[(c, p)]["down"].shape[0] != r}
-        meta[f"{component}.alpha_pattern"] = {p: alphas[(c, p)] for (c, p) in mods if c == component and alphas[(c, p)] != common_alpha}
+        meta[f"{component}.alpha_pattern"] = {_pattern(p): alphas[(c, p)] for (c, p) in mods
+                                              if c == component and alphas[(c, p)] != common_alpha}
     return meta
+
+
+def _pattern(path: str) -> str:
+    return path[len("text_model."):] if path.startswith("text_model.") else path
 
 
 # ----------------------------------------------------------------------------------------------- import

@@ -77,9 +77,16 @@ class LoraSpec:
 
     @property
     def hash(self) -> str:
-        """A1111's LoRA short hash: the first 12 hex digits of the sha256 of the data after the header."""
-        from spo.formats.metadata import data_sha256
+        """A1111's LoRA short hash: the first 12 hex digits of the file's sshs_model_hash, else of the sha256 of the
+        data after the header (the order A1111's Lora extension takes them in)."""
+        from spo.formats.metadata import data_sha256, read_metadata
 
+        try:
+            stored = str(read_metadata(self.path).get("sshs_model_hash", ""))
+        except (ValueError, AttributeError, OSError, SpoInputError):  # an odd header: the data hash still tells
+            stored = ""
+        if re.fullmatch(r"[0-9a-fA-F]{64}", stored):
+            return stored[:12].lower()
         return data_sha256(self.path)[:12]
 
 
@@ -118,6 +125,14 @@ def model_label(source: str) -> str:
         return text.replace(":", "_")
     p = Path(text)
     return p.stem if p.is_file() else p.name
+
+
+def model_hash(source: str) -> str | None:
+    """A1111's "Model hash" of a single-file checkpoint; None for a diffusers folder or a built-in model (no file)."""
+    from spo.formats.metadata import a1111_model_hash
+
+    path = Path(str(source))
+    return a1111_model_hash(path) if path.is_file() else None
 
 
 MAX_SIDE = 4096  # 4x SDXL's native side; beyond it the latents alone would exhaust memory
@@ -273,11 +288,11 @@ class Generator:
         _, _, sampler, schedule = SCHEDULERS[check_scheduler(settings.scheduler)]
         shown = prompt + it.lora_tags([(s.name, v) for s, v in zip(self.loras, strengths)])
         params = {"Steps": settings.steps, "Sampler": sampler, "Schedule type": schedule,
-                  "CFG scale": it.fmt_number(settings.cfg), "Seed": seed, "Size": f"{size[0]}x{size[1]}",
-                  "Model": model_label(self.model),
+                  "CFG scale": it.fmt_number(settings.cfg), "Seed": it.seed_used(seed), "Size": f"{size[0]}x{size[1]}",
+                  "Model hash": model_hash(self.model), "Model": model_label(self.model),
                   "Denoising strength": it.fmt_number(settings.denoise) if settings.denoise is not None else None}
         if self.loras:
-            params["Lora hashes"] = ", ".join(f"{s.name}: {s.hash}" for s in self.loras)
+            params["Lora hashes"] = it.lora_hashes((s.name, s.hash) for s in self.loras)
         params.update(extra or {})
         params["Version"] = f"spo {__version__}"
         return it.build(shown, settings.negative_prompt, params)

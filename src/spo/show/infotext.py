@@ -4,10 +4,18 @@ Layout (our own implementation of the published format):
 
     <prompt, with <lora:name:strength> tags>
     Negative prompt: <negative prompt>
-    Steps: 20, Sampler: DDIM, CFG scale: 5, Seed: 123, Size: 32x32, Model: toy_sd15, Lora hashes: "a: 0123abcd4567"
+    Steps: 20, Sampler: DDIM, CFG scale: 5, Seed: 123, Size: 32x32, Model hash: 0123abcd45, Model: base,
+    Lora hashes: "a: 0123abcd4567"
 
 The last line is `key: value` pairs joined by ", "; a value containing a comma, colon or newline is written
 as a JSON string so it parses back unambiguously.
+
+What A1111 reads back from it: "Model hash" is its checkpoint short hash (the first 10 hex digits of the sha256
+of the whole file, `spo.formats.metadata.a1111_model_hash`), by which it switches to the right checkpoint; there is
+none for a diffusers folder or a built-in toy model (A1111 cannot load those), so the key is left out.
+"Lora hashes" is "name: hash, name: hash" with ':' and ',' removed from each name (as A1111's Lora extension
+writes it: its parser splits on those), the hash being the first 12 hex digits of the sha256 of the data after the
+safetensors header. "Seed" is the seed the image's generator really ran with.
 """
 
 from __future__ import annotations
@@ -41,6 +49,22 @@ def fmt_number(x: float) -> str:
     """5.0 -> "5", 0.35 -> "0.35": how A1111 prints CFG, strengths and denoise."""
     x = float(x)
     return str(int(x)) if x.is_integer() else f"{x:.6g}"
+
+
+def seed_used(seed: int) -> int:
+    """The seed a torch.Generator seeded with `seed` runs with (torch takes it modulo 2**64, so -1 runs as
+    18446744073709551615): the number that reproduces the image, never a placeholder like -1."""
+    return int(seed) % 2**64
+
+
+def lora_hash_name(name: str) -> str:
+    """A LoRA's name as A1111 writes it in "Lora hashes": without ':' and ','."""
+    return str(name).replace(":", "").replace(",", "")
+
+
+def lora_hashes(loras) -> str:
+    """The "Lora hashes" value for [(name, short hash), ...]."""
+    return ", ".join(f"{lora_hash_name(name)}: {h}" for name, h in loras)
 
 
 def lora_tags(loras) -> str:
