@@ -32,3 +32,10 @@ def tensor_to_images(x: torch.Tensor) -> list:
 
     u8 = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return [Image.fromarray(a) for a in u8.permute(0, 2, 3, 1).numpy()]
+
+
+def pair_tensors(pairs, indices, side: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Both images of the preference pairs at `indices` as [-1, 1] tensors at `side`, and their captions."""
+    decoded = [pairs[i].decode() for i in indices]
+    return (images_to_tensor([d[0] for d in decoded], side), images_to_tensor([d[1] for d in decoded], side),
+            [pairs[i].caption for i in indices])

@@ -130,7 +130,7 @@ def lora_metadata(family: str, rank: int, alpha: float, title: str, *, descripti
 def base_model_keys(base: str) -> dict[str, str]:
     """ss_sd_model_name (+ kohya's two hashes of the file when it is one): what A1111 shows as "Model:"."""
     path = Path(base)
-    if base.startswith("toy:") or not path.exists():
+    if not path.exists():  # a built-in model name, or a path not on this machine
         return {"ss_sd_model_name": base}
     if path.is_dir():
         return {"ss_sd_model_name": path.name}

@@ -94,7 +94,7 @@ def evaluate(spm_paths: Sequence[str | Path], data: Sequence[str | Path], *, bas
     from spo.models.family import native_resolution
     from spo.spm.denoise import freeze, predicted_pair_images
     from spo.spm.scoring import load_spm
-    from spo.data.images import pair_tensors
+    from spo.images import pair_tensors
     from spo.ddim import NUM_TRAIN_TIMESTEPS
 
     if not spm_paths:

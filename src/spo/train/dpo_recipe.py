@@ -92,7 +92,7 @@ def prepare_batch(pipe, items: list[tuple[str, bytes, bytes]], generators: list[
 
     from spo.models.family import native_resolution
     from spo.spm.denoise import vae_encode
-    from spo.data.images import images_to_tensor
+    from spo.images import images_to_tensor
 
     side = native_resolution(pipe)
     device = pipe.unet.device

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from spo.data.images import pair_tensors
+from spo.images import pair_tensors
 from spo.errors import SpoInputError
 from spo.losses import preference_loss
 from spo.train.config import SPMConfig
