@@ -91,8 +91,11 @@ def record(target: Path, work: Path) -> None:
                                 "--warmup", "2", "--checkpoint-every", "3", "--no-progress", cwd=work,
                                 output="spm/spm")
     lora = next((work / "train").glob("spo_*.safetensors"))
-    toy_sd15 = Path(__import__("spo").__file__).parent / "assets" / "toy_models" / "sd15"  # a diffusers folder
-    (work / "recipe.toml").write_text(f'base = "{toy_sd15}"\noutput = "merged.safetensors"\n\n'
+    if not (work / "base_sd15").is_dir():  # a diffusers folder; recipes read only inside their own folder
+        import shutil
+
+        shutil.copytree(Path(__import__("spo").__file__).parent / "assets" / "toy_models" / "sd15", work / "base_sd15")
+    (work / "recipe.toml").write_text('base = "base_sd15"\noutput = "merged.safetensors"\n\n'
                                       f'[[lora]]\npath = "train/{lora.name}"\nstrength = 0.75\n')
     seconds["merge"] = _spo("merge", "recipe.toml", "--out", "merged.safetensors", cwd=work,
                             output="merged.safetensors")
