@@ -167,7 +167,8 @@ def validation_grid(pipe, unet, prompts: list[str], cfg: FinetuneConfig, target:
     seeds = spread_seeds(cfg.seed, len(prompts))
     images = sample_native(pipe, prompts, seeds, steps=20, cfg=5.0, batch=16, progress=False)
     unet.train(was_training)
-    save_image(image_grid(images, cols=8, scale=max(1, 128 // images[0].size[0])), target)
+    labels = [f"seed {s} · {p}" for s, p in zip(seeds, prompts)]  # the seed first: a long prompt is cut, not it
+    save_image(image_grid(images, scale=max(1, 128 // images[0].size[0]), labels=labels), target)
 
 
 # ------------------------------------------------------------------------------------------ the method
