@@ -51,6 +51,7 @@ import torch
 
 from spo.errors import SpoInputError
 from spo.formats import single_file as sf
+from spo.io import check_output_dir, check_output_file
 from spo.formats.metadata import checkpoint_metadata, header_length
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -112,12 +113,22 @@ def _number(value, what: str) -> float:
     return float(value)
 
 
+MAX_FACTOR = 100.0  # multipliers and strengths beyond this only overflow fp16 (1e308 gives inf/NaN weights)
+
+
+def _bounded(value, what: str) -> float:
+    value = _number(value, what)
+    if abs(value) > MAX_FACTOR:
+        raise SpoInputError(f"recipe: {what} {value:g} is outside -{MAX_FACTOR:g}..{MAX_FACTOR:g}")
+    return value
+
+
 def _blocks(value, what: str) -> dict[str, float]:
     if value is None:
         return {}
     if not isinstance(value, dict):
         raise SpoInputError(f"recipe: {what}.blocks must be a table like {{ IN04 = 0.5 }}")
-    return {str(k).upper(): _number(v, f"{what}.blocks.{k}") for k, v in value.items()}
+    return {str(k).upper(): _bounded(v, f"{what}.blocks.{k}") for k, v in value.items()}
 
 
 def _unknown(table: dict, allowed: set, what: str) -> None:
@@ -157,7 +168,7 @@ def load_recipe(path: str | Path) -> Recipe:
         if (method == "add_difference") != ("minus" in t):
             raise SpoInputError(f"recipe: {what}: 'minus' goes with method add_difference (and only with it)")
         checkpoints.append(CheckpointStep(method, _inside(folder, t["model"], f"{what} model", True),
-                                          _number(t["multiplier"], f"{what} multiplier"),
+                                          _bounded(t["multiplier"], f"{what} multiplier"),
                                           _inside(folder, t["minus"], f"{what} minus", True) if "minus" in t else None,
                                           _blocks(t.get("blocks"), what)))
     loras = []
@@ -167,7 +178,7 @@ def load_recipe(path: str | Path) -> Recipe:
         if "path" not in t:
             raise SpoInputError(f"recipe: {what} needs 'path'")
         loras.append(LoraStep(_inside(folder, t["path"], f"{what} path", True),
-                              _number(t.get("strength", 1.0), f"{what} strength"), _blocks(t.get("blocks"), what)))
+                              _bounded(t.get("strength", 1.0), f"{what} strength"), _blocks(t.get("blocks"), what)))
     title = data.get("title", output.stem if output else (output_dir.name if output_dir else "merge"))
     return Recipe(folder, base, output, output_dir, dtype, str(title), data.get("description"), checkpoints, loras, text)
 
@@ -294,6 +305,9 @@ def lora_deltas(step: LoraStep, family: str, unet_cfg: dict, shapes: dict) -> di
     from spo.formats.webui_lora import lora_family, lora_from_tensors, modules_of, read_safetensors
 
     tensors, meta = read_safetensors(step.path)
+    bad = next((k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise SpoInputError(f"{step.path.name}: tensor {bad} holds NaN or infinite values; nothing was merged")
     found = lora_family(tensors, meta, default=family)
     if found == family and (direct := webui_deltas_by_name(tensors, shapes, step, family)) is not None:
         return direct
@@ -388,6 +402,10 @@ def run_recipe(recipe: Recipe, output: Path | None = None, output_diffusers: Pat
     for out in (output, output_diffusers):
         if out is not None and any(_same_path(out, i) for i in input_paths):
             raise SpoInputError(f"{out}: the output is one of the recipe's inputs; inputs are never overwritten")
+    if output is not None:
+        check_output_file(output)  # before minutes of merging: a device, FIFO or folder there is never replaced
+    if output_diffusers is not None:
+        check_output_dir(output_diffusers)
     base = Source(recipe.base)
     family = base.family
     unet_cfg = sf.unet_config(sf.config_folder_for(base.shapes, family))
@@ -431,7 +449,7 @@ def run_recipe(recipe: Recipe, output: Path | None = None, output_diffusers: Pat
         if tb is not None and t.is_floating_point() and t.dtype == tb.dtype == out_dtypes[k] and tb.shape == t.shape:
             # The common case, ten times faster: CPU lerp on fp16/bf16 computes in fp32 and rounds once, so
             # this is bit-identical to the fp32 path below (checked) without its conversions.
-            return torch.lerp(t, tb, steps[0][0].blocks.get(block_of(k), steps[0][0].multiplier))
+            return _finite(k, torch.lerp(t, tb, steps[0][0].blocks.get(block_of(k), steps[0][0].multiplier)))
         if t.is_floating_point() and (steps or k in deltas):
             t = t.float()
             for (c, b, m), (tb, tc) in zip(steps, others):
@@ -445,7 +463,15 @@ def run_recipe(recipe: Recipe, output: Path | None = None, output_diffusers: Pat
                     t = t + mult * (tb.float() - tc.float())
             for d in deltas.get(k, []):
                 t = _apply_delta(t, d)
-        return t.to(out_dtypes[k]).contiguous()
+        return _finite(k, t.to(out_dtypes[k]).contiguous())
+
+    def _finite(k, t):
+        # Checked on what is written (after the cast: fp16 overflows to inf where fp32 did not), so a NaN input
+        # or an overflowing multiplier never reaches a file; the atomic writer then leaves nothing behind.
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise SpoInputError(f"merged tensor {k} holds NaN or infinite values (a NaN input, or a multiplier "
+                                "or strength too large for its dtype); nothing was written")
+        return t
 
     meta = checkpoint_metadata(family, recipe.title, {"spo.merge_recipe": recipe.text})
     if recipe.description:
