@@ -39,7 +39,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=integer, default=8, help="images per pipeline call (default: %(default)s)")
 
 
-def collect_prompts(args) -> list[str]:
+def collect_prompts(args, warn: bool = True) -> list[str]:
     from spo.errors import SpoInputError
     from spo.show.generate import read_prompts_file
 
@@ -53,24 +53,11 @@ def collect_prompts(args) -> list[str]:
     for i, p in enumerate(prompts, 1):
         check_prompt(p, f"prompt {i}")
     check_prompt(args.negative_prompt, "--negative-prompt")
-    warn_unreadable_prompts(args.model, prompts)
+    if warn:
+        from spo.show.generate import warn_unreadable_prompts
+
+        warn_unreadable_prompts(args.model, prompts)
     return prompts
-
-
-def warn_unreadable_prompts(model, prompts: list[str], log=None) -> None:
-    """One line when a built-in model cannot read a prompt (the toy reads only its own grammar); the run goes on."""
-    import sys
-
-    from spo import sources
-
-    source = sources.get(model)  # None for a path; an unknown name is refused here, before anything loads
-    if source is None or source.prompt_warning is None:
-        return
-    bad = [(p, msg) for p in dict.fromkeys(prompts) if (msg := source.prompt_warning(p)) is not None]
-    if bad:
-        more = f" ({len(bad)} of {len(set(prompts))} prompts are; see docs/toy-world.md)" if len(bad) > 1 else \
-            " (see docs/toy-world.md)"
-        print(f"warning: {bad[0][1]}{more}", file=log or sys.stderr)
 
 
 MAX_PROMPT_CHARS = 10_000  # CLIP reads 77 tokens; a prompt this long is a mistake (a file pasted in)
@@ -109,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     from spo.show.generate import Settings, check_scheduler, generate, parse_lora
 
     loras = [parse_lora(text) for text in args.lora]  # bad paths / strengths fail before anything loads
-    prompts = collect_prompts(args)
+    prompts = collect_prompts(args, warn=False)  # generate() warns once the rest of the input is checked
     settings = Settings(steps=args.steps, cfg=args.cfg, scheduler=check_scheduler(args.scheduler), width=args.width,
                         height=args.height, negative_prompt=args.negative_prompt, denoise=args.denoise)
     paths = generate(args.model, prompts, args.out, loras=loras, settings=settings, seed=args.seed,

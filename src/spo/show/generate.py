@@ -56,7 +56,7 @@ MAX_SEED = 2**32 - 1  # A1111's range, and numpy's
 def check_seed(seed: int, count: int = 1) -> int:
     """Image i of a run gets seed + i: all of them must be seeds numpy and torch accept."""
     if seed < 0 or seed + count - 1 > MAX_SEED:
-        raise SpoInputError(f"seed {seed}" + (f" (+ {count - 1} more images)" if count > 1 else "")
+        raise SpoInputError(f"seed {seed}" + (f" (+ {count - 1} more image{'s' if count > 2 else ''})" if count > 1 else "")
                             + f" is outside 0..{MAX_SEED}")
     return seed
 
@@ -168,6 +168,22 @@ def load_init_image(path: str | os.PathLike):
     from spo.show.scoring import open_image
 
     return open_image(path, "init image")
+
+
+def warn_unreadable_prompts(model, prompts: list[str]) -> None:
+    """One line when a built-in model cannot read a prompt (the toy reads only its own grammar); the run goes on."""
+    import sys
+
+    from spo import sources
+
+    source = sources.get(model)  # None for a path; an unknown name is refused here, before anything loads
+    if source is None or source.prompt_warning is None:
+        return
+    unique = list(dict.fromkeys(prompts))
+    bad = [msg for p in unique if (msg := source.prompt_warning(p)) is not None]
+    if bad:
+        more = f"; {len(bad)} of {len(unique)} prompts are" if len(bad) > 1 else ""
+        print(f"warning: {bad[0]} (see docs/toy-world.md{more})", file=sys.stderr)
 
 
 def read_prompts_file(path: str | os.PathLike, column: str | None = None) -> list[str]:
@@ -432,8 +448,8 @@ def generate(model: str, prompts: list[str], out: str | os.PathLike, *, loras: l
     check_steps(settings.steps)
     n_images = len(prompts) * num_images
     if max_images is not None and n_images > max_images:
-        raise SpoInputError(f"{len(prompts)} prompts x {num_images} = {n_images} images is more than --max-images "
-                            f"{max_images}; raise --max-images to make them all")
+        raise SpoInputError(f"{len(prompts)} prompt{'s' if len(prompts) != 1 else ''} x {num_images} = {n_images} "
+                            f"images is more than --max-images {max_images}; raise --max-images to make them all")
     check_seed(seed, n_images)
     for spec in loras or []:
         check_strength(spec.strength)
@@ -446,17 +462,18 @@ def generate(model: str, prompts: list[str], out: str | os.PathLike, *, loras: l
     if settings.width is not None or settings.height is not None:
         check_size(settings.width or 8, settings.height or 8)
     out = check_output_dir(out)
+    warn_unreadable_prompts(model, prompts)
 
     gen = Generator(model, loras, family=family, img2img=init is not None)
     size = gen.size(settings, init)
     jobs = [(p, seed + i) for i, p in enumerate(p for p in prompts for _ in range(num_images))]
-    ensure_writable_dir(out)  # only now: bad input above leaves no folder behind
-    counter = next_counter(out)
+    counter = next_counter(out) if out.is_dir() else 0
     written, entries = [], []
     bar = tqdm(total=len(jobs), desc="generate", unit="img")
     for start in range(0, len(jobs), max(1, batch)):
         chunk = jobs[start:start + batch]
         images = gen([p for p, _ in chunk], [s for _, s in chunk], settings, init, batch=batch)
+        ensure_writable_dir(out)  # only now: bad input, or a first batch that came out NaN, leaves no folder behind
         for (prompt, s), image in zip(chunk, images):
             name = f"{counter:05d}-{s}.png"
             counter += 1
