@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
                                   split=args.split)
         write_pairs(args.out, rows)
         ties = sum(r["label_0"] == 0.5 for r in rows)
-        print(f"wrote {len(rows)} pairs ({ties} ties) -> {args.out}")
+        print(f"wrote {len(rows)} pair{'s' if len(rows) != 1 else ''} ({ties} tie{'s' if ties != 1 else ''}) -> {args.out}")
         return 0
     raise SpoInputError(f"unknown toy action {args.toy_command!r}")
 
