@@ -81,9 +81,17 @@ class _DropMessages:
             return True
 
 
+# The modules whose loggers say them (a filter on a logger sees the records logged on it; these are created now
+# and picked up by the libraries when they import, so nothing heavy is imported for this).
+QUIET_LOGGERS = ("diffusers.models.modeling_utils", "diffusers.loaders.peft", "diffusers.loaders.lora_base",
+                 "diffusers.loaders.lora_pipeline", "transformers.utils.import_utils",
+                 "transformers.configuration_utils", "transformers.modeling_utils", "transformers.pipelines",
+                 "transformers.pipelines.base")
+
+
 def quiet_libraries() -> None:
-    """Silence the third-party warnings in QUIET_MESSAGES, once, before a command runs (not for --help: this
-    imports the libraries' logging modules)."""
+    """Silence the third-party notices in QUIET_MESSAGES (every other warning still shows); called once before a
+    command runs."""
     import logging
     import re
     import warnings
@@ -91,16 +99,10 @@ def quiet_libraries() -> None:
     pattern = re.compile("|".join(QUIET_MESSAGES))
     for message in QUIET_MESSAGES:
         warnings.filterwarnings("ignore", message=f".*{message}")
-    try:  # their handlers sit on the library root loggers: a filter there sees every child logger's records
-        from diffusers.utils import logging as dlog
-        from transformers.utils import logging as tlog
-    except ImportError:
-        return
-    for lib, name in ((dlog, "diffusers"), (tlog, "transformers")):
-        lib.get_logger(name)  # makes the library configure its root logger (and handler) now
-        for target in (logging.getLogger(name), *logging.getLogger(name).handlers):
-            if not any(isinstance(f, _DropMessages) for f in target.filters):
-                target.addFilter(_DropMessages(pattern))
+    for name in QUIET_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessages) for f in logger.filters):
+            logger.addFilter(_DropMessages(pattern))
 
 
 def main(argv: list[str] | None = None) -> int:
