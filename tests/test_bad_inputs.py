@@ -148,7 +148,10 @@ CASES = [
      ["{devlink}"], ["{devlink}"]),
     # ---- NaN/inf: refused up front, or found in the result before anything is written
     ("merge-nan-lora", ["merge", "{recipe_nan_lora}"], ["nan_lora", "NaN"], ["{assets}/merged_nan_lora.safetensors"]),
-    ("merge-nan-model", ["merge", "{recipe_nan_model}"], ["NaN"], ["{assets}/merged_nan_model.safetensors"]),
+    ("merge-nan-model", ["merge", "{recipe_nan_model}"], ["NaN", "nan_model.safetensors"],
+     ["{assets}/merged_nan_model.safetensors"]),
+    ("merge-fp16-overflow", ["merge", "{recipe_fp16}"], ["infinite", "overflowed float16", "nothing was written"],
+     ["{assets}/merged_fp16.safetensors"]),
     ("merge-huge-multiplier", ["merge", "{recipe_huge}"], ["multiplier", "1e+308"],
      ["{assets}/merged_huge.safetensors"]),
     ("generate-nan-lora", ["generate", "--prompt", "x", "--lora", "{nanlora}", "--steps", "2", "--out", "{t}/o"],
@@ -236,6 +239,10 @@ def assets(tmp_path_factory):
     key = next(k for k in sorted(model) if k.startswith("model.diffusion_model.") and k.endswith(".weight"))
     model[key][0] = float("nan")
     save_file(model, d / "nan_model.safetensors")
+    model[key][0] = 1e6  # finite in fp32, beyond fp16's 65504: a merge to fp16 would write inf
+    save_file(model, d / "big_model.safetensors")
+    (d / "recipe_fp16.toml").write_text('base = "big_model.safetensors"\noutput = "merged_fp16.safetensors"\n'
+                                        'dtype = "fp16"\n')
     (d / "recipe_nan_lora.toml").write_text('base = "model.safetensors"\noutput = "merged_nan_lora.safetensors"\n'
                                            '[[lora]]\npath = "nan_lora/nan_lora.safetensors"\n')
     (d / "recipe_nan_model.toml").write_text('base = "model.safetensors"\noutput = "merged_nan_model.safetensors"\n'
@@ -264,6 +271,7 @@ def assets(tmp_path_factory):
             "devlink": str(d / "devlink"), "nanlora": str(d / "nan_lora" / "nan_lora.safetensors"),
             "nanmodel": str(d / "nan_model.safetensors"), "recipe_nan_lora": str(d / "recipe_nan_lora.toml"),
             "recipe_nan_model": str(d / "recipe_nan_model.toml"), "recipe_huge": str(d / "recipe_huge.toml"),
+            "recipe_fp16": str(d / "recipe_fp16.toml"),
             "bomb": str(d / "bombdir" / "bomb.png"), "truncated": str(d / "truncdir" / "truncated.png"),
             "textpng": str(d / "textdir" / "text.png"), "bombdir": str(d / "bombdir"),
             "truncdir": str(d / "truncdir"), "textdir": str(d / "textdir"), "manyprompts": str(d / "many.txt"),

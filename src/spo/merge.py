@@ -445,11 +445,12 @@ def run_recipe(recipe: Recipe, output: Path | None = None, output_diffusers: Pat
                 yield k, merged(k, t, others)
 
     def merged(k, t, others):
+        t0 = t
         tb = others[0][0] if len(steps) == 1 and steps[0][0].method == "weighted_sum" and k not in deltas else None
         if tb is not None and t.is_floating_point() and t.dtype == tb.dtype == out_dtypes[k] and tb.shape == t.shape:
             # The common case, ten times faster: CPU lerp on fp16/bf16 computes in fp32 and rounds once, so
             # this is bit-identical to the fp32 path below (checked) without its conversions.
-            return _finite(k, torch.lerp(t, tb, steps[0][0].blocks.get(block_of(k), steps[0][0].multiplier)))
+            return _finite(k, torch.lerp(t, tb, steps[0][0].blocks.get(block_of(k), steps[0][0].multiplier)), t, others)
         if t.is_floating_point() and (steps or k in deltas):
             t = t.float()
             for (c, b, m), (tb, tc) in zip(steps, others):
@@ -463,15 +464,19 @@ def run_recipe(recipe: Recipe, output: Path | None = None, output_diffusers: Pat
                     t = t + mult * (tb.float() - tc.float())
             for d in deltas.get(k, []):
                 t = _apply_delta(t, d)
-        return _finite(k, t.to(out_dtypes[k]).contiguous())
+        return _finite(k, t.to(out_dtypes[k]).contiguous(), t0, others)
 
-    def _finite(k, t):
+    def _finite(k, t, t0, others):
         # Checked on what is written (after the cast: fp16 overflows to inf where fp32 did not), so a NaN input
         # or an overflowing multiplier never reaches a file; the atomic writer then leaves nothing behind.
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise SpoInputError(f"merged tensor {k} holds NaN or infinite values (a NaN input, or a multiplier "
-                                "or strength too large for its dtype); nothing was written")
-        return t
+        if not t.is_floating_point() or torch.isfinite(t).all():
+            return t
+        inputs = [(recipe.base, t0)] + [(p, x) for (c, _, _), (tb, tc) in zip(steps, others)
+                                        for p, x in ((c.model, tb), (c.minus, tc))]
+        bad = [p.name for p, x in inputs if x is not None and x.is_floating_point() and not torch.isfinite(x).all()]
+        why = (f"{', '.join(dict.fromkeys(bad))} holds NaN/inf there" if bad else
+               f"it overflowed {str(out_dtypes[k]).replace('torch.', '')}: a multiplier, strength or weight too large")
+        raise SpoInputError(f"merged tensor {k} would hold NaN or infinite values ({why}); nothing was written")
 
     meta = checkpoint_metadata(family, recipe.title, {"spo.merge_recipe": recipe.text})
     if recipe.description:

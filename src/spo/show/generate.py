@@ -321,9 +321,10 @@ class Generator:
             pixels = out.images
             finite = np.isfinite(pixels.reshape(len(pixels), -1)).all(axis=1)
             if not finite.all():
+                strengths = f", LoRA strengths {', '.join(f'{v:g}' for v in self._strengths)}" if self._strengths else ""
                 raise SpoInputError(
                     f"the image for seed {chunk_seeds[int(np.argmin(finite))]} came out NaN/inf (the sampling "
-                    f"overflowed: CFG {settings.cfg:g}, LoRA strengths {self._strengths or []}); nothing written for it")
+                    f"overflowed: CFG {settings.cfg:g}{strengths}); nothing written for it")
             images.extend(self.pipe.image_processor.numpy_to_pil(pixels))
         return images
 
