@@ -18,7 +18,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                              "background, in the center': see docs/toy-world.md)")
     parser.add_argument("--family", choices=["sd15", "sdxl"], default=None, help="model family when it cannot be detected")
     parser.add_argument("--lora", action="append", default=[], metavar="PATH[:STRENGTH]",
-                        help="a LoRA file or folder with its strength (default 1; negative and above 1 allowed); repeatable")
+                        help="a LoRA file or folder with its strength (default 1; -100..100, negative and above 1 "
+                             "allowed); repeatable")
     parser.add_argument("--prompt", action="append", default=[], help="a prompt; repeatable")
     parser.add_argument("--prompts", type=Path, default=None, metavar="FILE",
                         help="prompts file: one a line (.txt), JSON list or JSON lines, CSV/TSV or parquet with a prompt "
@@ -30,7 +31,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=seed, default=0,
                         help="seed of the first image, 0..2**32-1, -1 for a random one (recorded); image i gets seed + i")
     parser.add_argument("--steps", type=integer, default=DEFAULT_STEPS, help="sampling steps (default: %(default)s)")
-    parser.add_argument("--cfg", type=finite_float, default=DEFAULT_CFG, help="classifier-free guidance scale")
+    parser.add_argument("--cfg", type=finite_float, default=DEFAULT_CFG, help="classifier-free guidance scale (default: %(default)s)")
     parser.add_argument("--scheduler", default=DEFAULT_SCHEDULER,
                         help=f"sampler ({', '.join(SCHEDULERS)}; default: %(default)s, SPO's evaluation setting)")
     parser.add_argument("--width", type=integer, default=None, help="default: the model's native size (or the init image's)")
