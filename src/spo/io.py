@@ -115,8 +115,8 @@ def _not_regular(path: Path) -> str | None:
     """What `path` is when it exists and is not a regular file (following a symlink), else None."""
     try:
         mode = os.stat(path).st_mode
-    except FileNotFoundError:  # absent, or a dangling symlink: the rename makes a new file
-        return None
+    except (FileNotFoundError, NotADirectoryError):  # absent, or a dangling symlink: the rename makes a new file
+        return None  # (under a regular file: ensure_writable_dir says so)
     except OSError as exc:
         return f"unreadable ({exc.strerror or exc})"
     if stat.S_ISREG(mode):
