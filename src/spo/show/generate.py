@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from spo.cli.argtypes import MAX_SEED  # one seed range for the command line and the API
 from spo.errors import SpoInputError
 from spo.io import check_output_dir
 
@@ -48,9 +49,6 @@ def check_scheduler(name: str) -> str:
     if key not in SCHEDULERS:
         raise SpoInputError(f"unknown scheduler {name!r} (choose from {', '.join(SCHEDULERS)})")
     return key
-
-
-MAX_SEED = 2**32 - 1  # A1111's range, and numpy's
 
 
 def check_seed(seed: int, count: int = 1) -> int:
