@@ -8,12 +8,17 @@ cases run as real subprocesses too, to prove the exit-code path end to end.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
+import stat
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -139,6 +144,74 @@ CASES = [
                                     "--out", "{t}/o"], ["p.txt"], ["{t}/o"]),
     ("toy-pairs-zero", ["toy", "pairs", "-n", "0", "--out", "{t}/p.parquet"], ["num-pairs"], ["{t}/p.parquet"]),
     ("toy-sample-missing-model", ["toy", "sample", "--model", "{t}/nope", "--out", "{t}/o"], ["nope"], ["{t}/o"]),
+    # ---- outputs that are not regular files: never replaced (the atomic rename would turn a device into a file)
+    ("merge-out-dev-full", ["merge", "{recipe}", "--out", "/dev/full"], ["/dev/full", "character device"],
+     ["/dev/full"]),
+    ("merge-out-fifo", ["merge", "{recipe}", "--out", "{fifo}"], ["{fifo}", "FIFO"], ["{fifo}"]),
+    ("merge-out-symlink-to-device", ["merge", "{recipe}", "--out", "{devlink}"], ["{devlink}", "device"],
+     ["{devlink}"]),
+    ("merge-out-is-folder", ["merge", "{recipe}", "--out", "{empty}"], ["{empty}", "directory"], ["{empty}"]),
+    ("report-out-dev-full", ["report", "{imgs}", "--out", "/dev/full"], ["/dev/full"], ["/dev/full"]),
+    ("report-out-fifo", ["report", "{imgs}", "--out", "{fifo}"], ["{fifo}"], ["{fifo}"]),
+    ("toy-pairs-out-dev-full", ["toy", "pairs", "--source", "render", "-n", "2", "--out", "/dev/full"],
+     ["/dev/full"], ["/dev/full"]),
+    ("toy-pairs-out-symlink-to-device", ["toy", "pairs", "--source", "render", "-n", "2", "--out", "{devlink}"],
+     ["{devlink}"], ["{devlink}"]),
+    # ---- NaN/inf: refused up front, or found in the result before anything is written
+    ("merge-nan-lora", ["merge", "{recipe_nan_lora}"], ["nan_lora", "NaN"], ["{assets}/merged_nan_lora.safetensors"]),
+    ("merge-nan-model", ["merge", "{recipe_nan_model}"], ["NaN", "nan_model.safetensors"],
+     ["{assets}/merged_nan_model.safetensors"]),
+    ("merge-fp16-overflow", ["merge", "{recipe_fp16}"], ["infinite", "overflowed float16", "nothing was written"],
+     ["{assets}/merged_fp16.safetensors"]),
+    ("merge-huge-multiplier", ["merge", "{recipe_huge}"], ["multiplier", "1e+308"],
+     ["{assets}/merged_huge.safetensors"]),
+    ("generate-nan-lora", ["generate", "--prompt", "x", "--lora", "{nanlora}", "--steps", "2", "--out", "{t}/o"],
+     ["nan_lora", "NaN"], ["{t}/o"]),
+    ("generate-nan-model", ["generate", "--model", "{nanmodel}", "--prompt", "x", "--steps", "2", "--out", "{t}/o"],
+     ["NaN"], ["{t}/o"]),
+    ("generate-huge-strength", ["generate", "--prompt", "x", "--lora", "{lora}:1e308", "--out", "{t}/o"],
+     ["strength", "1e308"], ["{t}/o"]),
+    ("generate-overflowing-cfg", ["generate", "--prompt", "x", "--cfg", "1e38", "--steps", "2", "--out", "{t}/o"],
+     ["NaN"], ["{t}/o"]),
+    # ---- seeds beyond what numpy/torch take (-1 is A1111's "random", tested in test_generate.py)
+    ("generate-seed-negative", ["generate", "--prompt", "x", "--seed", "-2", "--out", "{t}/o"], ["seed", "-2"],
+     ["{t}/o"]),
+    ("generate-seed-2**32", ["generate", "--prompt", "x", "--seed", str(2**32), "--out", "{t}/o"],
+     ["seed", str(2**32)], ["{t}/o"]),
+    ("generate-seed-2**64", ["generate", "--prompt", "x", "--seed", str(2**64), "--out", "{t}/o"],
+     ["seed", str(2**64)], ["{t}/o"]),
+    ("generate-seeds-run-past-end", ["generate", "--prompt", "x", "--seed", str(2**32 - 1), "-n", "2",
+                                     "--out", "{t}/o"], ["seed"], ["{t}/o"]),
+    ("sweep-seed-2**64", ["sweep", "--prompt", "x", "--lora", "{lora}", "--seed", str(2**64), "--out", "{t}/o"],
+     ["seed"], ["{t}/o"]),
+    ("toy-sample-seed-negative", ["toy", "sample", "--seed", "-5", "--out", "{t}/o"], ["seed", "-5"], ["{t}/o"]),
+    ("toy-pairs-seed-2**64", ["toy", "pairs", "--source", "render", "--seed", str(2**64), "--out", "{t}/p.parquet"],
+     ["seed"], ["{t}/p.parquet"]),
+    # ---- sizes of work that are mistakes
+    ("generate-billion-steps", ["generate", "--prompt", "x", "--steps", "1000000000", "--out", "{t}/o"], ["steps"],
+     ["{t}/o"]),
+    ("generate-prompts-over-max-images", ["generate", "--prompts", "{manyprompts}", "--out", "{t}/o"],
+     ["10001", "--max-images"], ["{t}/o"]),
+    ("generate-over-given-max-images", ["generate", "--prompt", "x", "-n", "3", "--max-images", "2", "--out", "{t}/o"],
+     ["3", "--max-images"], ["{t}/o"]),
+    # ---- unreadable images
+    ("generate-init-bomb", ["generate", "--prompt", "x", "--init-image", "{bomb}", "--out", "{t}/o"],
+     ["{bomb}", "decompression bomb"], ["{t}/o"]),
+    ("generate-init-truncated", ["generate", "--prompt", "x", "--init-image", "{truncated}", "--out", "{t}/o"],
+     ["{truncated}"], ["{t}/o"]),
+    ("generate-init-text-named-png", ["generate", "--prompt", "x", "--init-image", "{textpng}", "--out", "{t}/o"],
+     ["{textpng}"], ["{t}/o"]),
+    ("score-bomb", ["score", "{bombdir}", "--prompt", "x", "--out", "{t}/o"], ["bomb.png", "decompression bomb"],
+     ["{t}/o"]),
+    ("score-truncated", ["score", "{truncdir}", "--prompt", "x", "--out", "{t}/o"], ["truncated.png"], ["{t}/o"]),
+    ("score-text-named-png", ["score", "{textdir}", "--prompt", "x", "--out", "{t}/o"], ["text.png"], ["{t}/o"]),
+    # ---- LoRA of the other family, prompt columns
+    ("generate-sd15-lora-on-sdxl", ["generate", "--model", "toy:sdxl", "--lora", "{lora}", "--prompt", "x",
+                                    "--out", "{t}/o"], ["SD1.5-family LoRA", "SDXL-family model"], ["{t}/o"]),
+    ("generate-missing-prompt-column", ["generate", "--prompts", "{csvprompts}", "--prompt-column", "nope",
+                                        "--out", "{t}/o"], ["nope"], ["{t}/o"]),
+    ("generate-prompt-column-without-file", ["generate", "--prompt", "x", "--prompt-column", "text", "--out", "{t}/o"],
+     ["--prompt-column"], ["{t}/o"]),
 ]
 
 # export (H4)
@@ -174,9 +247,57 @@ def assets(tmp_path_factory):
     Image.new("RGB", (16, 16), "red").save(d / "imgs" / "0.png")
     (d / "empty").mkdir()
     (d / "recipe.toml").write_text('base = "model.safetensors"\noutput = "merged.safetensors"\n')
+    # outputs that are not regular files (a FIFO here; /dev/full itself is only ever looked at, see _state)
+    os.mkfifo(d / "fifo")
+    (d / "devlink").symlink_to("/dev/null")
+    # NaN weights: a LoRA (in its own folder, so its name shows) and a checkpoint
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(lora)
+    first = sorted(tensors)[0]
+    tensors[first] = torch.full_like(tensors[first], float("nan"))
+    (d / "nan_lora").mkdir()
+    save_file(tensors, d / "nan_lora" / "nan_lora.safetensors")
+    model = load_file(d / "model.safetensors")
+    key = next(k for k in sorted(model) if k.startswith("model.diffusion_model.") and k.endswith(".weight"))
+    model[key][0] = float("nan")
+    save_file(model, d / "nan_model.safetensors")
+    model[key][0] = 1e6  # finite in fp32, beyond fp16's 65504: a merge to fp16 would write inf
+    save_file(model, d / "big_model.safetensors")
+    (d / "recipe_fp16.toml").write_text('base = "big_model.safetensors"\noutput = "merged_fp16.safetensors"\n'
+                                        'dtype = "fp16"\n')
+    (d / "recipe_nan_lora.toml").write_text('base = "model.safetensors"\noutput = "merged_nan_lora.safetensors"\n'
+                                           '[[lora]]\npath = "nan_lora/nan_lora.safetensors"\n')
+    (d / "recipe_nan_model.toml").write_text('base = "model.safetensors"\noutput = "merged_nan_model.safetensors"\n'
+                                            '[[checkpoint]]\nmodel = "nan_model.safetensors"\nmultiplier = 0.5\n')
+    (d / "recipe_huge.toml").write_text('base = "model.safetensors"\noutput = "merged_huge.safetensors"\n'
+                                        '[[checkpoint]]\nmethod = "add_difference"\nmodel = "model.safetensors"\n'
+                                        'minus = "model.safetensors"\nmultiplier = 1e308\n')
+    # unreadable images: a decompression bomb (a 1x1 PNG claiming 100000 x 100000), a truncated PNG, text as .png
+    for name in ("bombdir", "truncdir", "textdir"):
+        (d / name).mkdir()
+    png = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(png, "PNG")
+    raw = bytearray(png.getvalue())
+    raw[16:24] = struct.pack(">II", 100_000, 100_000)  # IHDR width, height
+    raw[29:33] = struct.pack(">I", zlib.crc32(bytes(raw[12:29])))  # the IHDR chunk's CRC over type + data
+    (d / "bombdir" / "bomb.png").write_bytes(bytes(raw))
+    png = io.BytesIO()
+    Image.effect_noise((64, 64), 50).convert("RGB").save(png, "PNG")
+    (d / "truncdir" / "truncated.png").write_bytes(png.getvalue()[: len(png.getvalue()) // 2])
+    (d / "textdir" / "text.png").write_text("not an image, despite the name\n")
+    (d / "many.txt").write_text("a large red circle on a white background, in the center\n" * 10_001)
+    (d / "prompts.csv").write_text("id,text\n1,a large red circle on a white background, in the center\n")
     return {"lora": str(lora), "model": str(d / "model.safetensors"), "file": str(d / "a_file"),
             "keep": str(d / "keep.bin"), "prompts": str(d / "prompts.txt"), "imgs": str(d / "imgs"),
-            "empty": str(d / "empty"), "recipe": str(d / "recipe.toml")}
+            "empty": str(d / "empty"), "recipe": str(d / "recipe.toml"), "fifo": str(d / "fifo"),
+            "devlink": str(d / "devlink"), "nanlora": str(d / "nan_lora" / "nan_lora.safetensors"),
+            "nanmodel": str(d / "nan_model.safetensors"), "recipe_nan_lora": str(d / "recipe_nan_lora.toml"),
+            "recipe_nan_model": str(d / "recipe_nan_model.toml"), "recipe_huge": str(d / "recipe_huge.toml"),
+            "recipe_fp16": str(d / "recipe_fp16.toml"),
+            "bomb": str(d / "bombdir" / "bomb.png"), "truncated": str(d / "truncdir" / "truncated.png"),
+            "textpng": str(d / "textdir" / "text.png"), "bombdir": str(d / "bombdir"),
+            "truncdir": str(d / "truncdir"), "textdir": str(d / "textdir"), "manyprompts": str(d / "many.txt"),
+            "csvprompts": str(d / "prompts.csv"), "assets": str(d)}
 
 
 def _fill(text: str, values: dict) -> str:
@@ -187,6 +308,10 @@ def _fill(text: str, values: dict) -> str:
 
 def _state(path: str):
     p = Path(path)
+    st = os.lstat(p) if os.path.lexists(p) else None
+    if st is not None and not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+        # a device, FIFO or symlink: its kind (and device number, link target), never its contents
+        return (stat.S_IFMT(st.st_mode), st.st_rdev, os.readlink(p) if stat.S_ISLNK(st.st_mode) else None)
     if p.is_file():
         return hashlib.sha256(p.read_bytes()).hexdigest()
     return sorted(str(x) for x in p.rglob("*")) if p.exists() else None
@@ -223,8 +348,13 @@ def test_bad_input_table(assets, tmp_path, capsys):
                 problems.append(f"left output {o}")
         if problems:
             failures.append((case_id, problems))
+    dev_full = os.stat("/dev/full")
+    if not stat.S_ISCHR(dev_full.st_mode) and os.geteuid() == 0:  # a regression replaced it: put the device back
+        os.unlink("/dev/full")
+        os.mknod("/dev/full", 0o666 | stat.S_IFCHR, os.makedev(1, 7))
+    assert stat.S_ISCHR(dev_full.st_mode), "/dev/full was replaced by a regular file"
     assert not failures, "\n".join(f"{c}: {p}" for c, p in failures)
-    assert len(CASES) >= 40
+    assert len(CASES) >= 100
 
 
 @pytest.mark.parametrize("argv,word", [

@@ -154,3 +154,38 @@ def test_unwritable_output_and_subprocess_error(tmp_path, capsys):
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "no such file" in r.stderr
     assert not (tmp_path / "o2").exists()
+
+
+def test_random_seed_is_recorded_prompt_column_warning_and_quiet_libraries(tmp_path):
+    """--seed -1 picks a seed (A1111's convention) and the files, PNG and index carry the one used; a CSV
+    column is named with --prompt-column; a prompt outside the toy grammar gets one warning line and still
+    runs; third-party notices nobody can act on stay silent; one image is "1 image"."""
+    from spo.show.infotext import read_png
+
+    csv = tmp_path / "p.csv"
+    csv.write_text(f'id,text\n1,"{PROMPT}"\n')
+    r = run_cli("generate", "--prompts", csv, "--prompt-column", "text", "--seed", "-1", "--steps", 2,
+                "--out", tmp_path / "a")
+    assert r.returncode == 0, r.stderr
+    (png,) = (tmp_path / "a").glob("*.png")
+    seed = int(png.stem.split("-", 1)[1])
+    info = read_png(png)
+    assert info["prompt_text"] == PROMPT and info["params"]["Seed"] == str(seed) and 0 <= seed < 2**32
+    index = json.loads((tmp_path / "a" / "index.json").read_text())
+    assert index["images"][0]["seed"] == seed
+    assert f"wrote 1 image -> " in r.stdout and f"(seed {seed}," in r.stdout
+    assert "warning" not in r.stderr  # a toy caption: no warning
+
+    r = run_cli("generate", "--prompt", "a red circle on a blue background", "--steps", 2, "--out", tmp_path / "b")
+    assert r.returncode == 0, r.stderr
+    warnings = [ln for ln in r.stderr.splitlines() if "warning" in ln.lower()]
+    assert len(warnings) == 1 and "toy grammar" in warnings[0] and "docs/toy-world.md" in warnings[0], r.stderr
+    for noise in ("kept in float32", "requires torchvision", "No LoRA keys", "torch_dtype"):
+        assert noise not in r.stderr, r.stderr
+    assert len(list((tmp_path / "b").glob("*.png"))) == 1
+
+
+def test_help_names_the_toy_grammar_and_prompt_column():
+    r = run_cli("generate", "--help")
+    assert r.returncode == 0 and "docs/toy-world.md" in r.stdout and "--prompt-column" in r.stdout
+    assert "--max-images" in r.stdout

@@ -247,3 +247,105 @@ def test_training_config_unknown_keys_refused(tmp_path, body, word, capsys):
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("spo ")]
     assert code == 2 and len(err) == 1 and word in err[0], err
     assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------------------------- output paths
+
+def _make(kind: str, target: Path):
+    import socket
+
+    if kind == "fifo":
+        os.mkfifo(target)
+    elif kind == "symlink_to_device":
+        target.symlink_to("/dev/null")
+    elif kind == "symlink_to_fifo":
+        os.mkfifo(target.with_name("real_fifo"))
+        target.symlink_to(target.with_name("real_fifo"))
+    elif kind == "directory":
+        target.mkdir()
+        (target / "kept").write_text("a user's file\n")
+    elif kind == "socket":
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind(str(target))
+        return sock
+    return None
+
+
+@pytest.mark.parametrize("kind", ["fifo", "symlink_to_device", "symlink_to_fifo", "directory", "socket"])
+def test_file_writers_never_replace_what_is_not_a_regular_file(tmp_path, kind):
+    """The atomic rename would put a regular file in the place of a FIFO, socket or device node (or fail on a
+    folder); every writer refuses in one line instead, leaves the thing as it was and no temporary behind."""
+    from spo import io as sio
+    from spo.errors import SpoInputError
+
+    target = tmp_path / "out.safetensors"
+    keep = _make(kind, target)
+    before = os.lstat(target)
+    writers = [lambda: sio.write_bytes(target, b"x"), lambda: sio.write_json(target, {"a": 1}),
+               lambda: sio.save_safetensors({"w": torch.zeros(2)}, target)]
+    for write in writers:
+        with pytest.raises(SpoInputError) as err:
+            write()
+        assert "\n" not in str(err.value) and str(target) in str(err.value) and "regular file" in str(err.value)
+    after = os.lstat(target)
+    assert (after.st_mode, after.st_ino) == (before.st_mode, before.st_ino)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporaries left
+    if kind == "directory":
+        assert (target / "kept").read_text() == "a user's file\n"
+    if keep is not None:
+        keep.close()
+
+
+@pytest.mark.parametrize("kind", ["fifo", "symlink_to_device", "regular_file"])
+def test_folder_writer_never_moves_aside_what_is_not_a_folder(tmp_path, kind):
+    from spo.errors import SpoInputError
+    from spo.io import atomic_dir
+
+    target = tmp_path / "model"
+    if kind == "regular_file":
+        target.write_text("a user's file\n")
+    else:
+        _make(kind, target)
+    before = os.lstat(target)
+    with pytest.raises(SpoInputError) as err:
+        with atomic_dir(target) as tmp:
+            (tmp / "x").write_text("new")
+    assert "\n" not in str(err.value) and str(target) in str(err.value)
+    assert (os.lstat(target).st_mode, os.lstat(target).st_ino) == (before.st_mode, before.st_ino)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_dev_full_is_refused_and_stays_a_device():
+    """Only looked at: /dev/full is never opened for writing here, and is still a character device after."""
+    import stat
+
+    from spo.errors import SpoInputError
+    from spo.io import check_output_file
+
+    with pytest.raises(SpoInputError) as err:
+        check_output_file("/dev/full")
+    assert "character device" in str(err.value)
+    assert stat.S_ISCHR(os.stat("/dev/full").st_mode)
+
+
+# --------------------------------------------------------------------------------------------- corrupt pair rows
+
+def test_spm_eval_reports_skipped_rows(tmp_path, capsys):
+    """A corrupt row (undecodable image bytes) is skipped and said so, with its count and reason, as `spo dpo`
+    does; the JSON keeps the counts."""
+    from spo.cli.main import main
+    from spo.data.pickapic import write_pairs
+    from spo.spm.model import StepAwarePreferenceModel
+    from spo.toy.pairs import make_render_pair_rows
+
+    rows = make_render_pair_rows(6, 0)
+    rows[2]["jpg_0"] = b"\x89PNG\r\n\x1a\n but not really an image"
+    write_pairs(tmp_path / "pairs.parquet", rows)
+    StepAwarePreferenceModel.toy().save(tmp_path / "spm")
+    code = main(["spm", "eval", str(tmp_path / "spm"), "--data", str(tmp_path / "pairs.parquet"), "--timesteps", "0",
+                 "--out", str(tmp_path / "ev"), "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "skipped 1 (1 undecodable image)" in out and "row 2" in out, out
+    read = json.loads((tmp_path / "ev" / "accuracy.json").read_text())["read"]
+    assert read["rows"] == 6 and read["skipped"] == 1 and read["skipped_by_reason"] == {"undecodable image": 1}

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -106,6 +107,34 @@ def check_output_dir(path: str | os.PathLike) -> Path:
     return path
 
 
+_KINDS = [(stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket")]
+
+
+def _not_regular(path: Path) -> str | None:
+    """What `path` is when it exists and is not a regular file (following a symlink), else None."""
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):  # absent, or a dangling symlink: the rename makes a new file
+        return None  # (under a regular file: ensure_writable_dir says so)
+    except OSError as exc:
+        return f"unreadable ({exc.strerror or exc})"
+    if stat.S_ISREG(mode):
+        return None
+    kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+    return f"{kind} (via a symlink)" if os.path.islink(path) else kind
+
+
+def check_output_file(path: str | os.PathLike) -> Path:
+    """Refuse a file output whose path holds anything but a regular file: the atomic rename would replace a
+    device node (/dev/full), a FIFO, a socket or a symlink to one with a plain file, and cannot go over a
+    directory. Creates nothing."""
+    path = Path(path)
+    kind = _not_regular(path)
+    if kind is not None:
+        raise SpoInputError(f"output {path} is {kind}, not a regular file; refusing to replace it")
+    return path
+
 
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
@@ -113,7 +142,7 @@ def atomic_path(target: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
 
     On any exception the temporary file is removed and `target` is untouched.
     """
-    target = Path(target)
+    target = check_output_file(target)
     ensure_writable_dir(target.parent)
     recover_stale(target.parent, target.name)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.p{os.getpid()}.", suffix=suffix + ".tmp", dir=target.parent)
@@ -125,6 +154,7 @@ def atomic_path(target: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get ordinary permissions
+        check_output_file(target)  # again: something may have appeared there while the data was written
         os.replace(tmp_path, target)
         _fsync_dir(target.parent)
     except BaseException as exc:
@@ -143,6 +173,7 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     An existing `target` is moved aside first and removed only after the new one is in place.
     """
     target = Path(target)
+    _check_output_folder(target)
     ensure_writable_dir(target.parent)
     recover_stale(target.parent, target.name)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.p{os.getpid()}.", suffix=".tmp", dir=target.parent))
@@ -151,6 +182,7 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
         maybe_fail("write")  # test seam, as in atomic_path
         os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700; outputs get ordinary permissions
         old = None
+        _check_output_folder(target)
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.replace(target, old)
@@ -164,6 +196,13 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
         if disk is not None:
             raise disk from None
         raise
+
+
+def _check_output_folder(target: Path) -> None:
+    """atomic_dir replaces a real directory only (never a file, device or symlink it would move aside)."""
+    if os.path.islink(target) or (os.path.lexists(target) and not target.is_dir()):
+        what = "a symlink" if os.path.islink(target) else (_not_regular(target) or "a file")
+        raise SpoInputError(f"output folder {target} is {what}, not a directory; refusing to replace it")
 
 
 def write_bytes(target: str | os.PathLike, data: bytes) -> None:

@@ -51,6 +51,7 @@ import torch
 
 from spo.errors import SpoInputError
 from spo.formats import single_file as sf
+from spo.io import check_output_dir, check_output_file
 from spo.formats.metadata import checkpoint_metadata, header_length
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -121,12 +122,22 @@ def _number(value, what: str) -> float:
     return float(value)
 
 
+MAX_FACTOR = 100.0  # multipliers and strengths beyond this only overflow fp16 (1e308 gives inf/NaN weights)
+
+
+def _bounded(value, what: str) -> float:
+    value = _number(value, what)
+    if abs(value) > MAX_FACTOR:
+        raise SpoInputError(f"recipe: {what} {value:g} is outside -{MAX_FACTOR:g}..{MAX_FACTOR:g}")
+    return value
+
+
 def _blocks(value, what: str) -> dict[str, float]:
     if value is None:
         return {}
     if not isinstance(value, dict):
         raise SpoInputError(f"recipe: {what}.blocks must be a table like {{ IN04 = 0.5 }}")
-    return {str(k).upper(): _number(v, f"{what}.blocks.{k}") for k, v in value.items()}
+    return {str(k).upper(): _bounded(v, f"{what}.blocks.{k}") for k, v in value.items()}
 
 
 def _unknown(table: dict, allowed: set, what: str) -> None:
@@ -166,7 +177,7 @@ def load_recipe(path: str | Path) -> Recipe:
         if (method == "add_difference") != ("minus" in t):
             raise SpoInputError(f"recipe: {what}: 'minus' goes with method add_difference (and only with it)")
         checkpoints.append(CheckpointStep(method, _model(folder, t["model"], f"{what} model"),
-                                          _number(t["multiplier"], f"{what} multiplier"),
+                                          _bounded(t["multiplier"], f"{what} multiplier"),
                                           _model(folder, t["minus"], f"{what} minus") if "minus" in t else None,
                                           _blocks(t.get("blocks"), what)))
     loras = []
@@ -176,7 +187,7 @@ def load_recipe(path: str | Path) -> Recipe:
         if "path" not in t:
             raise SpoInputError(f"recipe: {what} needs 'path'")
         loras.append(LoraStep(_inside(folder, t["path"], f"{what} path", True),
-                              _number(t.get("strength", 1.0), f"{what} strength"), _blocks(t.get("blocks"), what)))
+                              _bounded(t.get("strength", 1.0), f"{what} strength"), _blocks(t.get("blocks"), what)))
     title = data.get("title", output.stem if output else (output_dir.name if output_dir else "merge"))
     return Recipe(folder, base, output, output_dir, dtype, str(title), data.get("description"), checkpoints, loras, text)
 
@@ -306,6 +317,9 @@ def lora_deltas(step: LoraStep, family: str, unet_cfg: dict, shapes: dict) -> di
     from spo.formats.webui_lora import lora_family, lora_from_tensors, modules_of, read_safetensors
 
     tensors, meta = read_safetensors(step.path)
+    bad = next((k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise SpoInputError(f"{step.path.name}: tensor {bad} holds NaN or infinite values; nothing was merged")
     found = lora_family(tensors, meta, default=family)
     if found == family and (direct := webui_deltas_by_name(tensors, shapes, step, family)) is not None:
         return direct
@@ -400,6 +414,10 @@ def run_recipe(recipe: Recipe, output: Path | None = None, output_diffusers: Pat
     for out in (output, output_diffusers):
         if out is not None and any(_same_path(out, i) for i in input_paths):
             raise SpoInputError(f"{out}: the output is one of the recipe's inputs; inputs are never overwritten")
+    if output is not None:
+        check_output_file(output)  # before minutes of merging: a device, FIFO or folder there is never replaced
+    if output_diffusers is not None:
+        check_output_dir(output_diffusers)
     base = Source(recipe.base)
     family = base.family
     unet_cfg = sf.unet_config(sf.config_folder_for(base.shapes, family))
@@ -439,11 +457,12 @@ def run_recipe(recipe: Recipe, output: Path | None = None, output_diffusers: Pat
                 yield k, merged(k, t, others)
 
     def merged(k, t, others):
+        t0 = t
         tb = others[0][0] if len(steps) == 1 and steps[0][0].method == "weighted_sum" and k not in deltas else None
         if tb is not None and t.is_floating_point() and t.dtype == tb.dtype == out_dtypes[k] and tb.shape == t.shape:
             # The common case, ten times faster: CPU lerp on fp16/bf16 computes in fp32 and rounds once, so
             # this is bit-identical to the fp32 path below (checked) without its conversions.
-            return torch.lerp(t, tb, steps[0][0].blocks.get(block_of(k), steps[0][0].multiplier))
+            return _finite(k, torch.lerp(t, tb, steps[0][0].blocks.get(block_of(k), steps[0][0].multiplier)), t, others)
         if t.is_floating_point() and (steps or k in deltas):
             t = t.float()
             for (c, b, m), (tb, tc) in zip(steps, others):
@@ -457,7 +476,19 @@ def run_recipe(recipe: Recipe, output: Path | None = None, output_diffusers: Pat
                     t = t + mult * (tb.float() - tc.float())
             for d in deltas.get(k, []):
                 t = _apply_delta(t, d)
-        return t.to(out_dtypes[k]).contiguous()
+        return _finite(k, t.to(out_dtypes[k]).contiguous(), t0, others)
+
+    def _finite(k, t, t0, others):
+        # Checked on what is written (after the cast: fp16 overflows to inf where fp32 did not), so a NaN input
+        # or an overflowing multiplier never reaches a file; the atomic writer then leaves nothing behind.
+        if not t.is_floating_point() or torch.isfinite(t).all():
+            return t
+        inputs = [(recipe.base, t0)] + [(p, x) for (c, _, _), (tb, tc) in zip(steps, others)
+                                        for p, x in ((c.model, tb), (c.minus, tc))]
+        bad = [p.name for p, x in inputs if x is not None and x.is_floating_point() and not torch.isfinite(x).all()]
+        why = (f"{', '.join(dict.fromkeys(bad))} holds NaN/inf there" if bad else
+               f"it overflowed {str(out_dtypes[k]).replace('torch.', '')}: a multiplier, strength or weight too large")
+        raise SpoInputError(f"merged tensor {k} would hold NaN or infinite values ({why}); nothing was written")
 
     meta = checkpoint_metadata(family, recipe.title, {"spo.merge_recipe": recipe.text})
     if recipe.description:

@@ -57,6 +57,54 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+# Third-party notices a user cannot act on (they concern how we call the libraries, or optional backends we do
+# not use); matched on the message so that every other warning still shows.
+QUIET_MESSAGES = (
+    r"should be kept in float32: \[\]",  # diffusers, on .to(dtype) of a model with no fp32 modules
+    r"No LoRA keys associated to CLIPTextModel",  # diffusers/peft, for UNet-only LoRAs
+    r"requires torchvision \(not installed\)",  # transformers falls back to its PIL image processors
+    r"`torch_dtype` (attribute )?is deprecated",  # transformers, from diffusers' own loaders
+    r"torchvision\.(datapoints|transforms\.v2|tv_tensors).*[Bb]eta",  # torchvision's beta-namespace notice
+)
+
+
+class _DropMessages:
+    """A logging filter dropping records whose message matches one of QUIET_MESSAGES."""
+
+    def __init__(self, pattern):
+        self.pattern = pattern
+
+    def filter(self, record) -> bool:
+        try:
+            return not self.pattern.search(record.getMessage())
+        except Exception:  # noqa: BLE001 - a badly formatted record is the library's to show
+            return True
+
+
+# The modules whose loggers say them (a filter on a logger sees the records logged on it; these are created now
+# and picked up by the libraries when they import, so nothing heavy is imported for this).
+QUIET_LOGGERS = ("diffusers.models.modeling_utils", "diffusers.loaders.peft", "diffusers.loaders.lora_base",
+                 "diffusers.loaders.lora_pipeline", "transformers.utils.import_utils",
+                 "transformers.configuration_utils", "transformers.modeling_utils", "transformers.pipelines",
+                 "transformers.pipelines.base")
+
+
+def quiet_libraries() -> None:
+    """Silence the third-party notices in QUIET_MESSAGES (every other warning still shows); called once before a
+    command runs."""
+    import logging
+    import re
+    import warnings
+
+    pattern = re.compile("|".join(QUIET_MESSAGES))
+    for message in QUIET_MESSAGES:
+        warnings.filterwarnings("ignore", message=f".*{message}")
+    for name in QUIET_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessages) for f in logger.filters):
+            logger.addFilter(_DropMessages(pattern))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # Import only the module of the command asked for.
@@ -69,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     module = importlib.import_module(args._module)
+    quiet_libraries()
     try:
         result = module.run(args)
     except SpoInputError as exc:

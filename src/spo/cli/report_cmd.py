@@ -14,13 +14,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pairs", type=int, default=8, help="before/after pairs to generate for a training run (0: none)")
     parser.add_argument("--base", default=None, help="base model for the pairs (default: the one the run trained)")
     parser.add_argument("--prompt", action="append", default=[], help="prompts for the pairs (default for a built-in base model: its held-out prompts)")
-    parser.add_argument("--title", default=None)
+    parser.add_argument("--title", default=None, help="page title (default: from the folder)")
     parser.add_argument("--out", type=Path, default=None, help="the HTML file (default: FOLDER/report.html)")
 
 
 def run(args: argparse.Namespace) -> int:
+    from spo.io import check_output_file
     from spo.show.report import build_report
 
+    if args.out is not None:
+        check_output_file(args.out)  # before the pairs are generated; the writer checks again
     path = build_report(args.folder, args.out, sweeps=args.sweep, scores=args.scores, pairs=max(0, args.pairs),
                         base=args.base, prompts=args.prompt or None, title=args.title)
     print(f"report -> {path}")

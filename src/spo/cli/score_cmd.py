@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         ensure_writable_dir(out)
         write_text(out / "scores.csv", scoring.rows_csv(rows))
         write_json(out / "summary.json", summary)
-        print(f"{len(rows)} images in {args.folder}:")
+        print(f"{len(rows)} image{'s' if len(rows) != 1 else ''} in {args.folder}:")
         for col, s in summary["scores"].items():
             print(f"  {col}: {s['mean']:.4f} (95% CI {s['ci95'][0]:.4f} .. {s['ci95'][1]:.4f}, {s['interval']}, n={s['n']})")
         print(f"-> {out / 'scores.csv'}, {out / 'summary.json'}")

@@ -83,6 +83,9 @@ def _quiet_libraries() -> None:
     """Library chatter (weight-loading bars, optional-dependency notices) would bury our one-line errors."""
     import os
 
+    from spo.cli.main import quiet_libraries
+
+    quiet_libraries()  # the notices every command silences; the spm commands keep only errors on top
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     from diffusers.utils import logging as dlog

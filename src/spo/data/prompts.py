@@ -137,11 +137,11 @@ def _pick_key(names: Iterable[str], column: str | None, where: str) -> str:
     if len(present) == 1:
         return present[0]
     if len(present) > 1:
-        raise SpoInputError(f"{where} has both 'caption' and 'prompt'; choose one with a column name")
+        raise SpoInputError(f"{where} has both 'caption' and 'prompt'; choose one with a column name (--prompt-column)")
     if len(names) == 1:
         return names[0]
     raise SpoInputError(
-        f"{where} has no 'caption' or 'prompt' column (has: {', '.join(map(str, names)) or 'none'}); name the column"
+        f"{where} has no 'caption' or 'prompt' column (has: {', '.join(map(str, names)) or 'none'}); name the column (--prompt-column)"
     )
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+MAX_SEED = 2**32 - 1  # numpy's limit, and A1111's seed range; torch would take 64 bits, numpy raises beyond 32
+
 
 def spread_seeds(seed: int, n: int) -> list[int]:
     """Per-image seeds seed * 1_000_003 + i: runs with neighbouring seeds share no image seed."""

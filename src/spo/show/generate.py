@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from spo import sources
+from spo.sampling.images import MAX_SEED  # one seed range for the command line and the API
 from spo.errors import SpoInputError
 from spo.io import check_output_dir
 
@@ -51,6 +52,14 @@ def check_scheduler(name: str) -> str:
     return key
 
 
+def check_seed(seed: int, count: int = 1) -> int:
+    """Image i of a run gets seed + i: all of them must be seeds numpy and torch accept."""
+    if seed < 0 or seed + count - 1 > MAX_SEED:
+        raise SpoInputError(f"seed {seed}" + (f" (+ {count - 1} more image{'s' if count > 2 else ''})" if count > 1 else "")
+                            + f" is outside 0..{MAX_SEED}")
+    return seed
+
+
 def check_denoise(denoise: float, steps: int) -> float:
     if not (0.0 < denoise <= 1.0):
         raise SpoInputError(f"denoise strength must be in (0, 1], got {denoise:g}")
@@ -59,14 +68,33 @@ def check_denoise(denoise: float, steps: int) -> float:
     return denoise
 
 
+MAX_STRENGTH = 100.0  # |strength| beyond this only overflows (1e308 gives NaN latents, all-black images)
+MAX_STEPS = 1000  # the schedulers' training timesteps: diffusers cannot sample more steps than that
+
+
 def parse_strength(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise SpoInputError(f"LoRA strength {text!r} is not a number") from None
+    return check_strength(value, text)
+
+
+def check_strength(value: float, text: str | None = None) -> float:
+    shown = text if text is not None else f"{value:g}"
     if value != value or value in (float("inf"), float("-inf")):
-        raise SpoInputError(f"LoRA strength {text!r} is not a finite number")
-    return value
+        raise SpoInputError(f"LoRA strength {shown!r} is not a finite number")
+    if abs(value) > MAX_STRENGTH:
+        raise SpoInputError(f"LoRA strength {shown} is outside -{MAX_STRENGTH:g}..{MAX_STRENGTH:g}")
+    return float(value)
+
+
+def check_steps(steps: int) -> int:
+    if steps < 1:
+        raise SpoInputError(f"--steps must be at least 1, got {steps}")
+    if steps > MAX_STEPS:
+        raise SpoInputError(f"--steps {steps} is more than {MAX_STEPS} (the model's training timesteps)")
+    return steps
 
 
 @dataclass
@@ -147,23 +175,32 @@ def check_size(width: int, height: int) -> None:
 
 
 def load_init_image(path: str | os.PathLike):
-    from PIL import Image, UnidentifiedImageError
+    from spo.show.scoring import open_image
 
-    path = Path(path)
-    if not path.is_file():
-        raise SpoInputError(f"init image {path}: no such file")
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError) as exc:
-        raise SpoInputError(f"init image {path}: cannot read as an image ({exc})") from None
+    return open_image(path, "init image")
 
 
-def read_prompts_file(path: str | os.PathLike) -> list[str]:
+def warn_unreadable_prompts(model, prompts: list[str]) -> None:
+    """One line when a built-in model cannot read a prompt (the toy reads only its own grammar); the run goes on."""
+    import sys
+
+    from spo import sources
+
+    source = sources.get(model)  # None for a path; an unknown name is refused here, before anything loads
+    if source is None or source.prompt_warning is None:
+        return
+    unique = list(dict.fromkeys(prompts))
+    bad = [msg for p in unique if (msg := source.prompt_warning(p)) is not None]
+    if bad:
+        more = f"; {len(bad)} of {len(unique)} prompts are" if len(bad) > 1 else ""
+        print(f"warning: {bad[0]} (see docs/toy-world.md{more})", file=sys.stderr)
+
+
+def read_prompts_file(path: str | os.PathLike, column: str | None = None) -> list[str]:
     """Prompts from a JSON list, text, CSV/parquet/JSONL file: the trainer's reader (spo.data.prompts)."""
     from spo.data.prompts import load_prompts
 
-    prompts = list(load_prompts(path))
+    prompts = list(load_prompts(path, column))
     if not prompts:
         raise SpoInputError(f"prompts file {path}: no prompts in it")
     return prompts
@@ -209,6 +246,7 @@ class Generator:
         self.adapters: list[str] = []
         for i, spec in enumerate(self.loras):
             adapter = f"lora{i}"
+            check_lora_file(spec, self.family)
             try:
                 with _quiet_diffusers():  # "no text-encoder keys" notices are normal for UNet-only LoRAs
                     pipe.load_lora_weights(str(spec.path.parent), weight_name=spec.path.name, adapter_name=adapter)
@@ -216,6 +254,10 @@ class Generator:
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise SpoInputError(f"LoRA {spec.path}: cannot apply it to {self.model} ({first[:200]})") from None
             self.adapters.append(adapter)
+        bad = first_non_finite(pipe)
+        if bad is not None:
+            raise SpoInputError(f"model {self.model}: weight {bad} holds NaN or infinite values; its images would "
+                                "be blank")
         self._strengths: list[float] | None = None
 
     @property
@@ -257,16 +299,24 @@ class Generator:
 
     def __call__(self, prompts: list[str], seeds: list[int], settings: Settings, init_image=None, batch: int = 8):
         """One image per (prompt, seed) pair, in order."""
+        import numpy as np
         from PIL import Image
 
         from spo.sampling.images import sample_images
 
         if len(prompts) != len(seeds):
             raise ValueError("prompts and seeds differ in length")
+        for s in seeds:
+            check_seed(int(s))
         self.set_scheduler(settings.scheduler)
         self.set_strengths(settings.strengths or [s.strength for s in self.loras])
         w, h = self.size(settings, init_image)
-        kwargs = {"num_inference_steps": settings.steps, "guidance_scale": settings.cfg, "output_type": "pil"}
+        check_steps(settings.steps)
+        trained = int(self.pipe.scheduler.config.get("num_train_timesteps", MAX_STEPS))
+        if settings.steps > trained:
+            raise SpoInputError(f"--steps {settings.steps} is more than the model's {trained} training timesteps")
+        # "np", not "pil": the same pixels (numpy_to_pil below is what "pil" runs), but NaN stays visible
+        kwargs = {"num_inference_steps": settings.steps, "guidance_scale": settings.cfg, "output_type": "np"}
         if init_image is not None:
             if settings.denoise is None:
                 raise ValueError("img2img needs a denoise strength")
@@ -277,8 +327,14 @@ class Generator:
         per_image = {"image": [init] * len(prompts)} if init_image is not None else {}
         if settings.negative_prompt:
             per_image["negative_prompt"] = [settings.negative_prompt] * len(prompts)
-        return sample_images(self.pipe, prompts, seeds, batch=batch, generator_device=self.device, per_image=per_image,
-                             **kwargs)
+        pixels = np.stack(sample_images(self.pipe, prompts, seeds, batch=batch, generator_device=self.device,
+                                        per_image=per_image, **kwargs))
+        finite = np.isfinite(pixels.reshape(len(pixels), -1)).all(axis=1)
+        if not finite.all():
+            strengths = f", LoRA strengths {', '.join(f'{v:g}' for v in self._strengths)}" if self._strengths else ""
+            raise SpoInputError(f"the image for seed {seeds[int(np.argmin(finite))]} came out NaN/inf (the sampling "
+                                f"overflowed: CFG {settings.cfg:g}{strengths}); nothing written for it")
+        return self.pipe.image_processor.numpy_to_pil(pixels)
 
     def infotext(self, prompt: str, seed: int, settings: Settings, size: tuple[int, int], extra: dict | None = None) -> str:
         from spo import __version__
@@ -307,6 +363,43 @@ class Generator:
                 "denoise": settings.denoise, "init_image": str(init_image_path) if init_image_path else None,
                 "loras": [{"name": s.name, "path": str(s.path), "strength": v, "hash": s.hash}
                           for s, v in zip(self.loras, strengths)]}
+
+
+FAMILY_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL"}
+
+
+def check_lora_file(spec: LoraSpec, family: str) -> None:
+    """Before diffusers loads it: a LoRA of the other family is one line (diffusers prints pages of state-dict
+    mismatches), and NaN/inf weights are refused (they turn every image black)."""
+    import torch
+
+    from spo.formats.webui_lora import lora_family, read_safetensors
+
+    tensors, meta = read_safetensors(spec.path)
+    bad = next((k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise SpoInputError(f"LoRA {spec.path}: tensor {bad} holds NaN or infinite values")
+    try:
+        found = lora_family(tensors, meta, default=family)
+    except SpoInputError:
+        return  # nothing tells; diffusers' own loader decides
+    if found != family:
+        raise SpoInputError(f"LoRA {spec.path}: an {FAMILY_NAMES[found]}-family LoRA cannot load on an "
+                            f"{FAMILY_NAMES[family]}-family model")
+
+
+def first_non_finite(pipe) -> str | None:
+    """The name of the first weight of the pipeline's models holding NaN/inf (a broken checkpoint), or None."""
+    import torch
+
+    for component in ("unet", "text_encoder", "text_encoder_2", "vae"):
+        module = getattr(pipe, component, None)
+        if module is None:
+            continue
+        for name, p in module.named_parameters():
+            if p.is_floating_point() and not torch.isfinite(p).all():
+                return f"{component}.{name}"
+    return None
 
 
 class _quiet_diffusers:
@@ -347,7 +440,7 @@ def merge_index(path: Path, entries: list[dict], run: dict) -> dict:
 
 def generate(model: str, prompts: list[str], out: str | os.PathLike, *, loras: list[LoraSpec] | None = None,
              settings: Settings | None = None, seed: int = 0, num_images: int = 1, init_image: str | None = None,
-             family: str | None = None, batch: int = 8, log=print) -> list[Path]:
+             family: str | None = None, batch: int = 8, log=print, max_images: int | None = None) -> list[Path]:
     """Generate num_images per prompt (image i of the run gets seed + i) into `out`; returns the PNG paths."""
     from tqdm.auto import tqdm
 
@@ -361,8 +454,14 @@ def generate(model: str, prompts: list[str], out: str | os.PathLike, *, loras: l
     if num_images < 1:
         raise SpoInputError(f"--num-images must be at least 1, got {num_images}")
     check_scheduler(settings.scheduler)
-    if settings.steps < 1:
-        raise SpoInputError(f"--steps must be at least 1, got {settings.steps}")
+    check_steps(settings.steps)
+    n_images = len(prompts) * num_images
+    if max_images is not None and n_images > max_images:
+        raise SpoInputError(f"{len(prompts)} prompt{'s' if len(prompts) != 1 else ''} x {num_images} = {n_images} "
+                            f"images is more than --max-images {max_images}; raise --max-images to make them all")
+    check_seed(seed, n_images)
+    for spec in loras or []:
+        check_strength(spec.strength)
     init = load_init_image(init_image) if init_image else None
     if init is None and settings.denoise is not None:
         raise SpoInputError("--denoise applies to img2img only; give --init-image too")
@@ -372,17 +471,18 @@ def generate(model: str, prompts: list[str], out: str | os.PathLike, *, loras: l
     if settings.width is not None or settings.height is not None:
         check_size(settings.width or 8, settings.height or 8)
     out = check_output_dir(out)
+    warn_unreadable_prompts(model, prompts)
 
     gen = Generator(model, loras, family=family, img2img=init is not None)
     size = gen.size(settings, init)
     jobs = [(p, seed + i) for i, p in enumerate(p for p in prompts for _ in range(num_images))]
-    ensure_writable_dir(out)  # only now: bad input above leaves no folder behind
-    counter = next_counter(out)
+    counter = next_counter(out) if out.is_dir() else 0
     written, entries = [], []
     bar = tqdm(total=len(jobs), desc="generate", unit="img")
     for start in range(0, len(jobs), max(1, batch)):
         chunk = jobs[start:start + batch]
         images = gen([p for p, _ in chunk], [s for _, s in chunk], settings, init, batch=batch)
+        ensure_writable_dir(out)  # only now: bad input, or a first batch that came out NaN, leaves no folder behind
         for (prompt, s), image in zip(chunk, images):
             name = f"{counter:05d}-{s}.png"
             counter += 1

@@ -95,7 +95,7 @@ def image_records(folder: str | Path, prompt: str | None = None, prompts_file: s
     records = []
     for f in files:
         meta = side.get(f.name, {})
-        info = read_png(f) if f.suffix.lower() == ".png" else None
+        info = _png_info(f, read_png) if f.suffix.lower() == ".png" else None
         p = prompt or given.get(f.name) or meta.get("prompt") or (info["prompt_text"] if info else None)
         if not p:
             raise SpoInputError(f"{f}: no prompt for it (no PNG parameters, index.json or prompts file; give --prompt)")
@@ -112,13 +112,48 @@ def image_records(folder: str | Path, prompt: str | None = None, prompts_file: s
 
 
 def _load_pil(paths):
+    return [open_image(p) for p in paths]
+
+
+def _guarded(path: Path, what: str, read):
+    """read() under PIL's decompression-bomb limit (its warning made an error too), every failure one line: a
+    text file named .png, a truncated file or a 100k x 100k bomb is refused, not a traceback."""
+    import warnings
+
     from PIL import Image
 
-    out = []
-    for p in paths:
-        with Image.open(p) as im:
-            out.append(im.convert("RGB"))
-    return out
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return read()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise SpoInputError(f"{what} {path}: more than {Image.MAX_IMAGE_PIXELS} pixels, too large to decode "
+                            "(a decompression bomb?)") from None
+    except MemoryError:
+        raise SpoInputError(f"{what} {path}: too large to decode") from None
+    except Exception as exc:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, zlib.error... for bad files
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise SpoInputError(f"{what} {path}: cannot read as an image ({reason})") from None
+
+
+def open_image(path: str | Path, what: str = "image"):
+    """An RGB PIL image from a file, or one line saying why not."""
+    from PIL import Image
+
+    path = Path(path)
+    if not path.is_file():
+        raise SpoInputError(f"{what} {path}: no such file")
+
+    def read():
+        with Image.open(path) as im:
+            return im.convert("RGB")
+
+    return _guarded(path, what, read)
+
+
+def _png_info(path: Path, read_png) -> dict | None:
+    """A PNG's parameters (spo.show.infotext.read_png), with an unreadable file refused in one line."""
+    return _guarded(path, "image", lambda: read_png(path))
 
 
 # ------------------------------------------------------------------------------------------- scorers

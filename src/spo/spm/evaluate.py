@@ -194,7 +194,10 @@ def evaluate(spm_paths: Sequence[str | Path], data: Sequence[str | Path], *, bas
             "against": against, "judge_gap": min_judge_gap, "same_judge_alignment": same_judge_alignment,
             "filtered_by_judge_gap": n_filtered, "base_model": str(base),
             "family": family, "seed": seed, "cfg_scale": cfg_scale, "data": [str(f) for f in summary.files],
-            "models": models, "paired": paired, "references": references}
+            "models": models, "paired": paired, "references": references,
+            # rows the reader could not use (bad image bytes, labels, prompts), counted by reason, as `spo dpo` says
+            "read": {"rows": summary.rows_read, "pairs": summary.pairs_kept, "skipped": summary.rows_skipped,
+                     "skipped_by_reason": dict(summary.skipped), "text": summary.describe()}}
 
 
 def as_scores(second_wins) -> tuple[np.ndarray, np.ndarray]:
@@ -232,6 +235,8 @@ def format_table(result: dict) -> str:
     lines.append(f"agreement with {target} on {result['n_pairs']} pairs (±{100 * _max_ci(result):.1f} pts 95% CI); "
                  f"{result['ties_excluded']} ties excluded"
                  + _filter_note(result) + _reference_note(result))
+    if result.get("read"):
+        lines.append(f"data: {result['read']['text']}")
     return "\n".join(lines)
 
 

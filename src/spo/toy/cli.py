@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from spo.cli.argtypes import nonneg_int, positive_int, probability
+from spo.cli.argtypes import nonneg_int, positive_int, probability, seed
 from spo.errors import SpoInputError
 
 
@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     b.add_argument("--continue-from", type=Path, default=None, metavar="DIR",
                    help="keep training the toy models in DIR (its VAE encoder, hence latent space, is kept)")
     b.add_argument("--batch", type=positive_int, default=budget["batch"])
-    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--seed", type=seed, default=0, help="0..2**32-1, -1 for a random one")
 
     from spo.toy.defaults import CLIP as clip_budget
 
@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     c.add_argument("--images", type=positive_int, default=clip_budget["n_images"])
     c.add_argument("--steps", type=positive_int, default=clip_budget["steps"])
     c.add_argument("--batch", type=positive_int, default=clip_budget["batch"])
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--seed", type=seed, default=0, help="0..2**32-1, -1 for a random one")
 
     s = sub.add_parser("sample", help="sample a toy base model on held-out captions and judge the images")
     s.add_argument("--family", choices=["sd15", "sdxl"], default="sd15")
@@ -42,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--split", choices=["heldout", "train"], default="heldout")
     s.add_argument("--steps", type=positive_int, default=20)
     s.add_argument("--cfg", type=float, default=5.0)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=seed, default=0, help="0..2**32-1, -1 for a random one")
     s.add_argument("--out", type=Path, default=Path("outputs/toy_sample"))
 
     p = sub.add_parser("pairs", help="write Pick-a-Pic-schema preference pairs from toy base-model samples or renders")
@@ -58,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="render source: share of images showing another shape or colour than the caption's")
     p.add_argument("--p-missing", type=probability, default=0.1,
                    help="render source: share of images whose subject is faint or missing")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed, default=0, help="0..2**32-1, -1 for a random one")
     p.add_argument("--out", type=Path, default=Path("outputs/toy_pairs.parquet"))
 
     k = sub.add_parser("tokenizer", help="rebuild the shipped CLIP BPE files (vocab.json, merges.txt) from open_clip's wheel")
@@ -112,14 +112,17 @@ def run(args: argparse.Namespace) -> int:
                                   split=args.split)
         write_pairs(args.out, rows)
         ties = sum(r["label_0"] == 0.5 for r in rows)
-        print(f"wrote {len(rows)} pairs ({ties} ties) -> {args.out}")
+        print(f"wrote {len(rows)} pair{'s' if len(rows) != 1 else ''} ({ties} tie{'s' if ties != 1 else ''}) -> {args.out}")
         return 0
     raise SpoInputError(f"unknown toy action {args.toy_command!r}")
 
 
 def _check_output_file(path: Path) -> None:
+    from spo.io import check_output_file
+
     if path.exists() and path.is_dir():
         raise SpoInputError(f"{path} is a directory; give a file path")
+    check_output_file(path)  # a device, FIFO or socket there is never replaced
 
 
 def _sample(args) -> int:
