@@ -171,7 +171,7 @@ CASES = [
      ["NaN"], ["{t}/o"]),
     ("generate-huge-strength", ["generate", "--prompt", "x", "--lora", "{lora}:1e308", "--out", "{t}/o"],
      ["strength", "1e308"], ["{t}/o"]),
-    ("generate-overflowing-cfg", ["generate", "--prompt", "x", "--cfg", "1e38", "--steps", "2", "--out", "{t}/o"],
+    ("generate-overflowing-cfg", ["generate", "--prompt", "x", "--cfg-scale", "1e38", "--steps", "2", "--out", "{t}/o"],
      ["NaN"], ["{t}/o"]),
     # ---- seeds beyond what numpy/torch take (-1 is A1111's "random", tested in test_generate.py)
     ("generate-seed-negative", ["generate", "--prompt", "x", "--seed", "-2", "--out", "{t}/o"], ["seed", "-2"],

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from spo.cli.argtypes import finite_float, integer, positive_int, seed
+from spo.deprecation import add_cfg_scale
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,7 +33,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=seed, default=0,
                         help="seed of the first image, 0..2**32-1, -1 for a random one (recorded); image i gets seed + i")
     parser.add_argument("--steps", type=integer, default=DEFAULT_STEPS, help="sampling steps (default: %(default)s)")
-    parser.add_argument("--cfg", type=finite_float, default=DEFAULT_CFG, help="classifier-free guidance scale (default: %(default)s)")
+    add_cfg_scale(parser, DEFAULT_CFG, "classifier-free guidance scale", finite_float)
     parser.add_argument("--scheduler", default=DEFAULT_SCHEDULER,
                         help=f"sampler ({', '.join(SCHEDULERS)}; default: %(default)s, SPO's evaluation setting)")
     parser.add_argument("--width", type=integer, default=None, help="default: the model's native size (or the init image's)")

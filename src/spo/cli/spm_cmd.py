@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from spo.cli.argtypes import finite_float, nonneg_int, positive_int
+from spo.cli.argtypes import finite_float, nonneg_int, positive_int, seed
+from spo.deprecation import add_cfg_scale
 from spo import sources
 from spo.errors import SpoInputError
 
@@ -37,8 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="toy data: keep only pairs whose two images the toy judge finds equally aligned with the caption")
     e.add_argument("--limit", type=positive_int, default=None, help="evaluate at most this many decided pairs")
     e.add_argument("--batch-size", type=positive_int, default=16)
-    e.add_argument("--cfg", type=finite_float, default=5.0)
-    e.add_argument("--seed", type=int, default=0)
+    add_cfg_scale(e, 5.0, "CFG scale of the base model's x0-hat prediction", finite_float)
+    e.add_argument("--seed", type=seed, default=0, help="seed of the noise at each t (0..2**32-1, -1: random)")
     e.add_argument("--out", type=Path, default=Path("outputs/spm_eval"), help="folder for accuracy.json + accuracy.png")
     e.add_argument("--no-progress", dest="progress", action="store_false")
 
@@ -62,10 +63,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--at-steps", type=_timesteps, default=[0, 4, 10, 14, 18],
                    help="sampling steps (0-based, of --num-steps) to branch at")
     g.add_argument("--num-steps", type=positive_int, default=20)
-    g.add_argument("--cfg", type=finite_float, default=5.0)
+    add_cfg_scale(g, 5.0, "CFG scale of the sampling", finite_float)
     g.add_argument("--eta", type=finite_float, default=1.0)
     g.add_argument("--batch-size", type=positive_int, default=8, help="prompts per batch (k candidates each)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=seed, default=0, help="seed of the branched trajectories (0..2**32-1, -1: random)")
     g.add_argument("--out", type=Path, default=Path("outputs/spm_siblings"), help="folder for siblings.json + siblings.png")
     g.add_argument("--no-progress", dest="progress", action="store_false")
 

@@ -86,19 +86,45 @@ def evaluate(spm_paths: Sequence[str | Path], data: Sequence[str | Path], *, bas
     `same_judge_alignment` (toy world) keeps only pairs whose two images the judge finds equally aligned with
     the caption, where the judge's own preference (alignment first) is its aesthetic order.
     """
-    from tqdm.auto import tqdm
-
     from spo.data.pickapic import read_pairs
-    from spo.models.family import family_of
+    from spo.models.family import family_of, native_resolution
     from spo.models.loading import load_pipeline
-    from spo.models.family import native_resolution
-    from spo.spm.denoise import freeze, predicted_pair_images
+    from spo.spm.denoise import freeze
     from spo.spm.scoring import load_spm
-    from spo.images import pair_tensors
-    from spo.ddim import NUM_TRAIN_TIMESTEPS
 
     if not spm_paths:
         raise SpoInputError("give at least one SPM folder to evaluate")
+    timesteps = _check_settings(timesteps, batch_size, min_judge_gap, against)
+    base = base or sources.DEFAULT_SOURCE
+    source = sources.get(base)
+    judge = source.judge if source is not None else None
+    if judge is None and (min_judge_gap is not None or against == "judge" or same_judge_alignment):
+        raise SpoInputError(f"{base}: no judge for this base model (--against judge, --min-judge-gap and "
+                            "--same-judge-alignment need a built-in model with one)")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    pipe = load_pipeline(base)
+    freeze(pipe)
+    pipe.to(dev)
+    family = family_of(pipe)
+    spms = [load_spm(p, family=family, device=dev) for p in spm_paths]
+    pairs, summary = read_pairs(data)
+    chosen = select_pairs(pairs, summary, source, against, min_judge_gap, same_judge_alignment, limit)
+    scores = score_pairs(pipe, spms, chosen["pairs"], timesteps, native_resolution(pipe), dev, seed, batch_size,
+                         cfg_scale, progress)
+    models, paired = compare_models(spm_paths, spms, scores, timesteps, chosen["preferred"])
+    return {"timesteps": timesteps, "n_pairs": len(chosen["pairs"]), "ties_excluded": chosen["ties"],
+            "against": against, "judge_gap": min_judge_gap, "same_judge_alignment": same_judge_alignment,
+            "filtered_by_judge_gap": chosen["filtered"], "base_model": str(base),
+            "family": family, "seed": seed, "cfg_scale": cfg_scale, "data": [str(f) for f in summary.files],
+            "models": models, "paired": paired, "references": chosen["references"],
+            # rows the reader could not use (bad image bytes, labels, prompts), counted by reason, as `spo dpo` says
+            "read": {"rows": summary.rows_read, "pairs": summary.pairs_kept, "skipped": summary.rows_skipped,
+                     "skipped_by_reason": dict(summary.skipped), "text": summary.describe()}}
+
+
+def _check_settings(timesteps, batch_size: int, min_judge_gap, against: str) -> list[int]:
+    from spo.ddim import NUM_TRAIN_TIMESTEPS
+
     timesteps = [int(t) for t in timesteps]
     bad = [t for t in timesteps if not 0 <= t < NUM_TRAIN_TIMESTEPS]
     if bad or not timesteps:
@@ -109,33 +135,21 @@ def evaluate(spm_paths: Sequence[str | Path], data: Sequence[str | Path], *, bas
         raise SpoInputError(f"--min-judge-gap must be >= 0, got {min_judge_gap}")
     if against not in ("labels", "judge"):
         raise SpoInputError(f"--against must be 'labels' or 'judge', got {against!r}")
-    base = base or sources.DEFAULT_SOURCE
-    source = sources.get(base)
-    judge = source.judge if source is not None else None
-    if judge is None and (min_judge_gap is not None or against == "judge" or same_judge_alignment):
-        raise SpoInputError(f"{base}: no judge for this base model (--against judge, --min-judge-gap and "
-                            "--same-judge-alignment need a built-in model with one)")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return timesteps
 
-    pipe = load_pipeline(base)
-    freeze(pipe)
-    pipe.to(dev)
-    family = family_of(pipe)
-    side = native_resolution(pipe)
-    spms = [load_spm(p, family=family, device=dev) for p in spm_paths]
 
-    pairs, summary = read_pairs(data)
+def select_pairs(pairs, summary, source, against: str, min_judge_gap, same_judge_alignment: bool, limit) -> dict:
+    """The pairs to evaluate, which image of each is preferred (by the labels or the judge), and the references."""
     # With the judge as target, a rater's tie is no reason to drop a pair: the judge decides it.
     decided = pairs if against == "judge" else [p for p in pairs if not p.is_tie]
     n_ties = len(pairs) - len(decided)
-    n_filtered = 0
-    aligned = None
+    n_filtered, aligned, judged = 0, None, None
     if min_judge_gap is not None or against == "judge" or same_judge_alignment:
-        judged = judge_aesthetic_pairs(decided, judge)
+        judged = judge_aesthetic_pairs(decided, source.judge)
         keep = np.abs(judged[:, 0] - judged[:, 1]) >= (min_judge_gap or 0.0)
         keep &= judged[:, 0] != judged[:, 1]
         if same_judge_alignment:
-            aligned = judge_alignment_pairs(decided, judge)
+            aligned = judge_alignment_pairs(decided, source.judge)
             keep &= aligned[:, 0] == aligned[:, 1]
         n_filtered = int(len(decided) - keep.sum())
         decided = [p for p, k in zip(decided, keep) if k]
@@ -153,6 +167,17 @@ def evaluate(spm_paths: Sequence[str | Path], data: Sequence[str | Path], *, bas
                                                  None if aligned is None else aligned[: len(decided)])
     else:
         preferred = np.array([p.preferred for p in decided])
+    return {"pairs": decided, "preferred": preferred, "references": references, "ties": n_ties,
+            "filtered": n_filtered}
+
+
+def score_pairs(pipe, spms, decided, timesteps, side: int, dev, seed: int, batch_size: int, cfg_scale: float,
+                progress: bool) -> dict:
+    """{(model index, t): (scores of image 0, scores of image 1)} on the base model's x0-hat at each t."""
+    from tqdm.auto import tqdm
+
+    from spo.images import pair_tensors
+    from spo.spm.denoise import predicted_pair_images
 
     scores = {(m, t): ([], []) for m in range(len(spms)) for t in timesteps}
     batches = range(0, len(decided), batch_size)
@@ -172,17 +197,20 @@ def evaluate(spm_paths: Sequence[str | Path], data: Sequence[str | Path], *, bas
                     scores[(m, t)][1].extend(s[len(idx):])
                 bar.update(1)
     bar.close()
+    return {k: (np.array(a), np.array(b)) for k, (a, b) in scores.items()}
 
+
+def compare_models(spm_paths, spms, scores: dict, timesteps, preferred) -> tuple[list[dict], list[dict]]:
+    """Each SPM's accuracy and log loss per t, and every two SPMs' paired accuracy difference on the same pairs."""
     models, correct = [], {}
     for m, (path, spm) in enumerate(zip(spm_paths, spms)):
-        s = {t: (np.array(scores[(m, t)][0]), np.array(scores[(m, t)][1])) for t in timesteps}
         for t in timesteps:
-            correct[(m, t)] = pair_correct(*s[t], preferred)
+            correct[(m, t)] = pair_correct(*scores[(m, t)], preferred)
         acc = {str(t): float(correct[(m, t)].mean()) for t in timesteps}
         models.append({"path": str(path), "name": model_name(path, spm), "time_conditioning": spm.time_conditioning,
                        "family": spm.family, "accuracy": acc,
-                       "ci95": {k: stats.proportion_half_width(v, len(decided)) for k, v in acc.items()},
-                       "log_loss": {str(t): pairwise_log_loss(*s[t], preferred) for t in timesteps}})
+                       "ci95": {k: stats.proportion_half_width(v, len(preferred)) for k, v in acc.items()},
+                       "log_loss": {str(t): pairwise_log_loss(*scores[(m, t)], preferred) for t in timesteps}})
     paired = []
     for a in range(len(spms)):
         for b in range(a + 1, len(spms)):
@@ -190,14 +218,7 @@ def evaluate(spm_paths: Sequence[str | Path], data: Sequence[str | Path], *, bas
             paired.append({"a": models[a]["name"], "b": models[b]["name"], "a_index": a, "b_index": b,
                            "b_minus_a": {k: v[0] for k, v in diffs.items()},
                            "ci95": {k: v[1] for k, v in diffs.items()}})
-    return {"timesteps": timesteps, "n_pairs": len(decided), "ties_excluded": n_ties,
-            "against": against, "judge_gap": min_judge_gap, "same_judge_alignment": same_judge_alignment,
-            "filtered_by_judge_gap": n_filtered, "base_model": str(base),
-            "family": family, "seed": seed, "cfg_scale": cfg_scale, "data": [str(f) for f in summary.files],
-            "models": models, "paired": paired, "references": references,
-            # rows the reader could not use (bad image bytes, labels, prompts), counted by reason, as `spo dpo` says
-            "read": {"rows": summary.rows_read, "pairs": summary.pairs_kept, "skipped": summary.rows_skipped,
-                     "skipped_by_reason": dict(summary.skipped), "text": summary.describe()}}
+    return models, paired
 
 
 def as_scores(second_wins) -> tuple[np.ndarray, np.ndarray]:

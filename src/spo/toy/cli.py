@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from spo.cli.argtypes import nonneg_int, positive_int, probability, seed
+from spo.cli.argtypes import finite_float, nonneg_int, positive_int, probability, seed
+from spo.deprecation import add_cfg_scale
 from spo.errors import SpoInputError
 
 
@@ -41,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("-n", "--num-images", type=positive_int, default=64)
     s.add_argument("--split", choices=["heldout", "train"], default="heldout")
     s.add_argument("--steps", type=positive_int, default=20)
-    s.add_argument("--cfg", type=float, default=5.0)
+    add_cfg_scale(s, 5.0, "classifier-free guidance scale", finite_float)
     s.add_argument("--seed", type=seed, default=0, help="0..2**32-1, -1 for a random one")
     s.add_argument("--out", type=Path, default=Path("outputs/toy_sample"))
 

@@ -14,7 +14,6 @@ import argparse
 import dataclasses
 import json
 import math
-import sys
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from spo.ddim import NUM_TRAIN_TIMESTEPS
+from spo.deprecation import DeprecatedFlag
 from spo.errors import SpoInputError
 from spo.sources import DEFAULT_SOURCE
 
@@ -350,14 +350,6 @@ def build_config(preset: str | None = None, toml: str | Path | None = None, over
     return validate(cls(**kwargs))
 
 
-class _Deprecated(argparse.Action):
-    """An old flag spelling: works, and says once which flag replaces it."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        print(f"{parser.prog}: warning: {option_string} is deprecated, use {self.metavar_new}", file=sys.stderr)
-        setattr(namespace, self.dest, values)
-
-
 def flag_of(name: str) -> str:
     return "--out" if name == "output_dir" else "--" + name.replace("_", "-")
 
@@ -386,8 +378,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type = SPOConfig, skip: 
             parser.add_argument(flag_of(name), dest=name, default=None, metavar=name.upper(), help=text)
     for old, name in DEPRECATED_FLAGS.get(cls, {}).items():
         if name not in skip:
-            action = parser.add_argument(old, dest=name, default=None, action=_Deprecated, help=argparse.SUPPRESS)
-            action.metavar_new = flag_of(name)
+            parser.add_argument(old, dest=name, default=None, action=DeprecatedFlag, replacement=flag_of(name),
+                                help=argparse.SUPPRESS)
 
 
 def from_args(args: argparse.Namespace, cls: type = SPOConfig) -> RunConfig:
