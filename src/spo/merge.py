@@ -403,8 +403,8 @@ def _apply_delta(t: torch.Tensor, d: _Delta) -> torch.Tensor:
     return t
 
 
-def run_recipe(recipe: Recipe, output: Path | None = None, output_diffusers: Path | None = None) -> dict:
-    """Merge per the recipe; returns a summary. CLI-given outputs override the recipe's."""
+def _outputs(recipe: Recipe, output: Path | None, output_diffusers: Path | None) -> tuple[Path | None, Path | None]:
+    """The outputs (the command line's over the recipe's), checked before minutes of merging."""
     output = output or recipe.output
     output_diffusers = output_diffusers or recipe.output_diffusers
     if output is None and output_diffusers is None:
@@ -415,10 +415,14 @@ def run_recipe(recipe: Recipe, output: Path | None = None, output_diffusers: Pat
         if out is not None and any(_same_path(out, i) for i in input_paths):
             raise SpoInputError(f"{out}: the output is one of the recipe's inputs; inputs are never overwritten")
     if output is not None:
-        check_output_file(output)  # before minutes of merging: a device, FIFO or folder there is never replaced
+        check_output_file(output)  # a device, FIFO or folder there is never replaced
     if output_diffusers is not None:
         check_output_dir(output_diffusers)
-    base = Source(recipe.base)
+    return output, output_diffusers
+
+
+def _inputs(recipe: Recipe, base: "Source") -> tuple[list, dict[str, list]]:
+    """The checkpoint steps (checkpoint, its source, its minus source) and the LoRA deltas by base key."""
     family = base.family
     unet_cfg = sf.unet_config(sf.config_folder_for(base.shapes, family))
     allowed = sf.block_names(unet_cfg) + list(EXTRA_BLOCKS)
@@ -436,6 +440,15 @@ def run_recipe(recipe: Recipe, output: Path | None = None, output_diffusers: Pat
         _check_blocks(step.blocks, allowed, f"lora #{i + 1}")
         for k, v in lora_deltas(step, family, unet_cfg, base.shapes).items():
             deltas.setdefault(k, []).extend(v)
+    return steps, deltas
+
+
+def run_recipe(recipe: Recipe, output: Path | None = None, output_diffusers: Path | None = None) -> dict:
+    """Merge per the recipe; returns a summary. CLI-given outputs override the recipe's."""
+    output, output_diffusers = _outputs(recipe, output, output_diffusers)
+    base = Source(recipe.base)
+    family = base.family
+    steps, deltas = _inputs(recipe, base)
 
     out_dtype = DTYPES[recipe.dtype] if recipe.dtype else None
     keys = sorted(base.shapes)
