@@ -255,7 +255,7 @@ SPM_TIME_DATA = {
     "pairs_render_heldout_aligned_s10.parquet": ["toy", "pairs", "--source", "render", "-n", "1200", "--seed", "10",
                                                  "--split", "heldout", "--p-wrong", "0", "--p-missing", "0"],
 }
-SPM_TIME_TRAIN = ["--steps", "800", "--batch-size", "16", "--lr", "5e-4", "--lr-schedule", "cosine", "--warmup", "50",
+SPM_TIME_TRAIN = ["--max-train-steps", "800", "--train-batch-size", "16", "--learning-rate", "5e-4", "--lr-schedule", "cosine", "--lr-warmup-steps", "50",
                   "--weight-decay", "0.05", "--cpu", "--no-progress", "--log-every", "100", "--checkpoint-every", "400"]
 SPM_TIME_EVALS = {  # result folder under docs/spm_time_conditioning: (pairs file, extra flags)
     "renders_298": ("pairs_render_heldout.parquet", ["--min-judge-gap", "0.5", "--against", "judge"]),
@@ -449,7 +449,7 @@ def judge_cost(args) -> dict:
 # --------------------------------------------------------------------------------------- train-default
 def train_default(args) -> dict:
     out = Path(args.out)
-    cmd = ["spo", "train", "--output-dir", str(out)]
+    cmd = ["spo", "train", "--out", str(out)]
     proc, wall, peak = run_child(cmd)
     report = json.loads((out / "before_after.json").read_text()) if (out / "before_after.json").exists() else {}
     return {"command_measured": " ".join(cmd), "wall_seconds": round(wall, 1), "peak_rss_mb": round(peak, 1),
@@ -461,7 +461,7 @@ def train_default(args) -> dict:
 def _train_run(cmd: list[str], out: Path) -> list[tuple[float, Path, int | None]]:
     """Run a training command (unless its output exists); its (training seconds, LoRA folder, threads) per epoch."""
     if not (out / "lora").is_dir():
-        run_child(cmd + ["--output-dir", str(out), "--no-report", "--no-evaluate"])
+        run_child(cmd + ["--out", str(out), "--no-report", "--no-evaluate"])
     points = []
     for folder in sorted(out.glob("lora-epoch-*")):
         summary = json.loads((folder / "training_summary.json").read_text())

@@ -87,17 +87,17 @@ def test_no_model_hash_without_a_checkpoint_file(files, tmp_path):
     assert "Model hash" not in p and p["Model"] == "toy_sd15"
 
 
-def test_seed_written_is_the_seed_torch_ran_with():
-    from spo.show import infotext as it
-    from spo.show.generate import Generator, Settings
+def test_seed_written_is_the_seed_the_image_was_made_with(tmp_path):
+    """--seed -1 draws a random seed (as A1111 does); the PNG names that seed, and it makes the same image again."""
+    from spo.cli.main import main
 
-    gen = Generator("toy:sd15")
-    st = Settings(steps=2)
-    a, b = gen([PROMPT], [-1], st), gen([PROMPT], [2**64 - 1], st)
-    assert np.array_equal(np.asarray(a[0]), np.asarray(b[0]))  # torch takes seeds modulo 2**64
-    line = gen.infotext(PROMPT, -1, st, (32, 32)).split("\n")[-1]
-    assert a1111_parameter_line(line)["Seed"] == str(2**64 - 1) == str(it.seed_used(-1))
-    assert it.seed_used(123) == 123
+    assert main(["generate", "--prompt", PROMPT, "--seed", "-1", "--steps", "2", "--out", str(tmp_path / "a")]) == 0
+    png = next((tmp_path / "a").glob("*.png"))
+    seed = int(a1111_parameter_line(Image.open(png).text["parameters"].split("\n")[-1])["Seed"])
+    assert 0 <= seed < 2**32 and png.stem.endswith(f"-{seed}")
+    assert main(["generate", "--prompt", PROMPT, "--seed", str(seed), "--steps", "2", "--out", str(tmp_path / "b")]) == 0
+    again = next((tmp_path / "b").glob("*.png"))
+    assert np.array_equal(np.asarray(Image.open(png)), np.asarray(Image.open(again)))
 
 
 def test_checkpoint_hash_streamed_and_cached_while_the_file_is_unchanged(tmp_path, monkeypatch):

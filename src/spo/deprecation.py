@@ -14,7 +14,8 @@ class DeprecatedFlag(argparse.Action):
         super().__init__(option_strings, dest, **kwargs)
 
     def __call__(self, parser, namespace, values, option_string=None):
-        print(f"{parser.prog}: warning: {option_string} is deprecated, use {self.replacement}", file=sys.stderr)
+        # "warning:" first, as every warning of ours: only errors start with "spo COMMAND:"
+        print(f"warning: {parser.prog} {option_string} is deprecated, use {self.replacement}", file=sys.stderr)
         setattr(namespace, self.dest, values)
 
 

@@ -118,8 +118,6 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("data", nargs="*", default=None,
                         help="parquet files, folders of them, or datasets save_to_disk folders")
     add_config_arguments(parser, SPMConfig, skip=("data",))
-    parser.add_argument("--no-time-conditioning", dest="time_conditioning", action="store_const", const="false",
-                        help=argparse.SUPPRESS)  # the former spelling of --time-conditioning false
 
 
 def _train(args) -> int:

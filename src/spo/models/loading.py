@@ -13,6 +13,16 @@ from spo import sources
 from spo.errors import SpoInputError
 
 
+def check_model(source: str | Path) -> Path | None:
+    """A built-in model's name (None), or a path that exists; anything else is one line naming it."""
+    if sources.get(source) is not None:
+        return None
+    path = Path(source)
+    if not path.exists():
+        raise SpoInputError(f"{path}: no such model file or folder")
+    return path
+
+
 def load_pipeline(source: str | Path | None = None, family: str | None = None, *, dtype: torch.dtype = torch.float32,
                   allow_pickle: bool = False, config: str | Path | None = None):
     """A diffusers StableDiffusion(XL)Pipeline with a DDIM scheduler, on CPU, progress bars off.
@@ -27,9 +37,7 @@ def load_pipeline(source: str | Path | None = None, family: str | None = None, *
     builtin = sources.default(family) if source is None else sources.get(source)
     if builtin is not None:
         return builtin.load_pipeline().to(dtype=dtype)
-    path = Path(source)
-    if not path.exists():
-        raise SpoInputError(f"{path}: no such model file or folder")
+    path = check_model(source)
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise SpoInputError(f"{path}: not a diffusers model folder (no model_index.json)")

@@ -478,19 +478,18 @@ def generate(model: str, prompts: list[str], out: str | os.PathLike, *, loras: l
     jobs = [(p, seed + i) for i, p in enumerate(p for p in prompts for _ in range(num_images))]
     counter = next_counter(out) if out.is_dir() else 0
     written, entries = [], []
-    bar = tqdm(total=len(jobs), desc="generate", unit="img")
-    for start in range(0, len(jobs), max(1, batch)):
-        chunk = jobs[start:start + batch]
-        images = gen([p for p, _ in chunk], [s for _, s in chunk], settings, init, batch=batch)
-        ensure_writable_dir(out)  # only now: bad input, or a first batch that came out NaN, leaves no folder behind
-        for (prompt, s), image in zip(chunk, images):
-            name = f"{counter:05d}-{s}.png"
-            counter += 1
-            save_image(image, out / name, pnginfo=it.pnginfo(gen.infotext(prompt, s, settings, size)))
-            entries.append(gen.record(name, prompt, s, settings, size, init_image))
-            written.append(out / name)
-        bar.update(len(chunk))
-    bar.close()
+    with tqdm(total=len(jobs), desc="generate", unit="img") as bar:  # closed (own line) before any error
+        for start in range(0, len(jobs), max(1, batch)):
+            chunk = jobs[start:start + batch]
+            images = gen([p for p, _ in chunk], [s for _, s in chunk], settings, init, batch=batch)
+            ensure_writable_dir(out)  # only now: bad input, or a first batch that came out NaN, leaves no folder behind
+            for (prompt, s), image in zip(chunk, images):
+                name = f"{counter:05d}-{s}.png"
+                counter += 1
+                save_image(image, out / name, pnginfo=it.pnginfo(gen.infotext(prompt, s, settings, size)))
+                entries.append(gen.record(name, prompt, s, settings, size, init_image))
+                written.append(out / name)
+            bar.update(len(chunk))
     run = {"model": str(model), "seed": seed, "num_images": num_images, "n_prompts": len(prompts),
            "init_image": str(init_image) if init_image else None}
     write_json(out / "index.json", merge_index(out / "index.json", entries, run))

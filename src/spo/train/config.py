@@ -161,11 +161,9 @@ CONFIGS: dict[str, type] = {"spo": SPOConfig, "dpo": DPOConfig, "spm": SPMConfig
 DEFAULT_PRESETS: dict[type, str | None] = {SPOConfig: "toy-sd15", DPOConfig: "dpo-toy-sd15", SPMConfig: None}
 # Old flag spellings -> field, accepted for one release with a deprecation line (spo spm train's former names).
 DEPRECATED_FLAGS: dict[type, dict[str, str]] = {
-    SPOConfig: {"--output-dir": "output_dir"},
-    DPOConfig: {"--output-dir": "output_dir"},
     SPMConfig: {"--steps": "max_train_steps", "--batch-size": "train_batch_size", "--lr": "learning_rate",
                 "--grad-accum": "gradient_accumulation_steps", "--warmup": "lr_warmup_steps", "--cfg": "cfg_scale",
-                "--checkpoint-every": "checkpoint_every_steps", "--output-dir": "output_dir"},
+                "--checkpoint-every": "checkpoint_every_steps"},
 }
 
 
@@ -354,6 +352,9 @@ def flag_of(name: str) -> str:
     return "--out" if name == "output_dir" else "--" + name.replace("_", "-")
 
 
+SYNONYMS = {"output_dir": "--output-dir"}  # diffusers' training scripts' name for it, kept beside --out
+
+
 def add_arguments(parser: argparse.ArgumentParser, cls: type = SPOConfig, skip: tuple[str, ...] = ()) -> None:
     """One flag per field, with its help and the default preset's value; all default to 'not given'.
 
@@ -374,8 +375,11 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type = SPOConfig, skip: 
         if hints[name] is bool:
             parser.add_argument(flag_of(name), dest=name, default=None, nargs="?", const="true", metavar="BOOL",
                                 help=text)
+            parser.add_argument(f"--no-{flag_of(name)[2:]}", dest=name, action="store_const", const="false",
+                                help=argparse.SUPPRESS)  # --no-progress for --progress false
         else:
-            parser.add_argument(flag_of(name), dest=name, default=None, metavar=name.upper(), help=text)
+            parser.add_argument(flag_of(name), *([SYNONYMS[name]] if name in SYNONYMS else []), dest=name, default=None,
+                                metavar=name.upper(), help=text)
     for old, name in DEPRECATED_FLAGS.get(cls, {}).items():
         if name not in skip:
             parser.add_argument(old, dest=name, default=None, action=DeprecatedFlag, replacement=flag_of(name),

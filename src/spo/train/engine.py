@@ -219,7 +219,9 @@ def open_run(cfg: RunConfig, name: str, log: Callable[[str], None] = print) -> R
 
     from spo.faults import training_hook
     from spo.io import check_output_dir
+    from spo.models.loading import check_model
 
+    check_model(cfg.base)  # a missing base fails in a second, before any data is read
     out = check_output_dir(cfg.output_dir)
     # An existing folder is locked at once (so a second run hears why before anything else); a new one on creation.
     lock = lock_folder(out) if out.is_dir() and int(os.environ.get("RANK", "0")) == 0 else None
