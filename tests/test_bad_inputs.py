@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # integration: real training runs or subprocess chains
+
 sys.path.insert(0, str(Path(__file__).parent))
 
 # (id, argv, words the error line must contain, output paths that must not exist / stay unchanged afterwards)

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # integration: real training runs or subprocess chains
+
 
 def spo(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "spo", *args], capture_output=True, text=True, cwd=cwd, timeout=300)

@@ -24,6 +24,8 @@ from spo.train.dpo_recipe import load_pairs, pair_losses, prepare_batch, train_d
 from spo.train.finetune import add_lora, reference_model
 from spo.train.finetune import item_generators as _generators
 
+pytestmark = pytest.mark.slow  # integration: real training runs or subprocess chains
+
 torch.set_flush_denormal(True)
 
 

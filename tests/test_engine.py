@@ -17,6 +17,8 @@ import pytest
 
 from spo.train.config import DPOConfig, SPMConfig, SPOConfig, build_config, preset_names, to_toml
 
+pytestmark = pytest.mark.slow  # integration: real training runs or subprocess chains
+
 SCORER = '''
 def brightness(images, prompts, t):
     return images.mean((1, 2, 3)) * 10

@@ -281,6 +281,7 @@ def test_legacy_hash_is_kohyas(tmp_path):
     assert written["sshs_model_hash"] == hashlib.sha256(kohya_bytes[8 + n:]).hexdigest()
 
 
+@pytest.mark.slow
 def test_export_refuses_nan_and_an_output_that_is_a_file(tmp_path):
     from safetensors.torch import save_file
 

@@ -114,6 +114,7 @@ def test_full_size_sdxl_rank64_attention_lora_counts():
     assert abs(size_mib - 354.62) < 0.02, size_mib
 
 
+@pytest.mark.slow
 def test_export_cli(tmp_path):
     src = make_diffusers_lora("sd15", tmp_path / "src", text_encoders=False)
     r = spo("export", str(src.parent), "--out", str(tmp_path / "out"), "--name", "spo_sd15", "--dtype", "fp16",

@@ -10,6 +10,8 @@ from PIL import Image
 
 from show_helpers import PROMPT, error_lines, main_in_process, make_lora, run_cli
 
+pytestmark = pytest.mark.slow  # integration: real training runs or subprocess chains
+
 STEPS = 4
 
 

@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # integration: real training runs or subprocess chains
+
 # --------------------------------------------------------------------------------------------- pickles
 
 

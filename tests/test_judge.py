@@ -39,6 +39,7 @@ def clean_renders():
     return scenes, [render(s, seed=i) for i, s in enumerate(scenes)]
 
 
+@pytest.mark.slow
 def test_alignment_on_clean_renders(clean_renders):
     scenes, images = clean_renders
     got = judge.alignment_batch(images, [s.caption for s in scenes])
@@ -65,6 +66,7 @@ def test_a_missing_subject_is_an_alignment_failure_not_a_defect():
     assert np.mean(judge.aesthetic_batch(empty)) > np.median(typical)
 
 
+@pytest.mark.slow
 def test_mismatched_captions_score_zero(clean_renders):
     scenes, images = clean_renders
     rng = np.random.default_rng(0)

@@ -24,6 +24,8 @@ from safetensors.torch import load_file
 
 from spo.train.checkpoint import STATE_FILE, complete_checkpoints
 
+pytestmark = pytest.mark.slow  # integration: real training runs or subprocess chains
+
 SCORER = '''
 def brightness(images, prompts, t):
     """Brighter is better: any pixel function will do to drive training."""

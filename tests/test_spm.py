@@ -216,6 +216,7 @@ def test_official_checkpoint_loads_only_with_allow_pickle(tmp_path):
     assert len(map_official_state_dict(official_state_dict(got))) == len(got.state_dict())
 
 
+@pytest.mark.slow
 def test_cli_convert_official(tmp_path, clip_dir):
     _, sd = _fake_official()
     torch.save(sd, tmp_path / "final_ckpt.bin")

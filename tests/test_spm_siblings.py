@@ -10,6 +10,8 @@ import pytest
 
 from spo.spm.siblings import best_worst_agreement, sibling_agreement
 
+pytestmark = pytest.mark.slow  # integration: real training runs or subprocess chains
+
 BRIGHTNESS = '''
 
 def brightness(images, prompts, timesteps=None):

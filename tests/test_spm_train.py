@@ -16,6 +16,8 @@ from spo.train.checkpoint import complete_checkpoints
 from spo.train.config import SPMConfig, build_config
 from spo.train.spm_recipe import train
 
+pytestmark = pytest.mark.slow  # integration: real training runs or subprocess chains
+
 
 def spo(*args):
     return subprocess.run([sys.executable, "-m", "spo", *args], capture_output=True, text=True, timeout=300)

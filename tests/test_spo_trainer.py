@@ -16,6 +16,8 @@ from spo.train.config import build_config
 from spo.train.finetune import add_lora, reference_model
 from spo.train.spo_recipe import make_judge, pair_losses, train
 
+pytestmark = pytest.mark.slow  # integration: real training runs or subprocess chains
+
 torch.set_flush_denormal(True)
 
 

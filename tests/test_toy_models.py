@@ -7,6 +7,8 @@ from spo.toy.build import TOY_MODEL_DIR
 from spo.toy.models import fresh_pipeline
 from spo.toy.sampling import load_toy_pipeline, sample
 
+pytestmark = pytest.mark.slow  # integration: real training runs or subprocess chains
+
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 def test_shipped_toy_pipeline_loads_offline_with_diffusers(family):
