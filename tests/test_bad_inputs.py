@@ -55,6 +55,11 @@ CASES = [
      ["/proc", "not writable"], []),
     ("train-bad-preference", ["train", "--preference", "no_such_module_xyz:f", "--output-dir", "{t}/o",
                               "--max-prompts", "2"], ["no_such_module_xyz"], ["{t}/o"]),
+    ("train-negative-seed", ["train", "--seed", "-1", "--out", "{t}/o"], ["seed", "-1"], ["{t}/o"]),
+    ("train-seed-past-32-bits", ["train", "--seed", "4294967296", "--out", "{t}/o"], ["seed", "4294967296"], ["{t}/o"]),
+    ("spm-train-seed-past-32-bits", ["spm", "train", "{prompts}", "--seed", "4294967296", "--out", "{t}/o"], ["seed"],
+     ["{t}/o"]),
+    ("dpo-negative-seed", ["dpo", "--seed", "-5", "--out", "{t}/o"], ["seed", "-5"], ["{t}/o"]),
     ("train-eval-images-zero", ["train", "--eval-images", "0", "--output-dir", "{t}/o"], ["eval-images"], ["{t}/o"]),
     # ---- export
     ("export-missing-lora", ["export", "{t}/nope.safetensors", "--out", "{t}/o"], ["nope.safetensors"], ["{t}/o"]),

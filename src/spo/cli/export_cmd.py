@@ -14,7 +14,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--format", choices=["webui", "diffusers", "both"], default="both",
                         help="webui: A1111/ComfyUI/kohya keys; diffusers: peft keys (default: both)")
-    parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="tensor dtype of the written files (default: %(default)s; the published SPO LoRA is fp32)")
     parser.add_argument("--name", default=None,
                         help="title, file-name stem and A1111 <lora:NAME:...> name (default: <run>_<method>_<family> "
                              "for a training run's lora folder, else the input's name)")
@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the checkpoint it was trained on, written as ss_sd_model_name (default: the run's base)")
     parser.add_argument("--clip-skip", type=int, default=None,
                         help="CLIP skip used in training, written as ss_clip_skip (default: 1 for an SD1.5 run of ours)")
-    parser.add_argument("--description", default=None)
+    parser.add_argument("--description", default=None, help="modelspec description shown by model browsers")
     parser.add_argument("--license", default=None, help="e.g. apache-2.0 (written to modelspec.license)")
     parser.add_argument("--training-summary", type=Path, default=None,
                         help="JSON file of the run, stored in the metadata (default: the LoRA folder's training_summary.json)")

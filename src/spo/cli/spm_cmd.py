@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                           "stands for its shipped SPM")
     e.add_argument("--data", nargs="+", type=Path, required=True, help="held-out Pick-a-Pic-schema pairs")
     e.add_argument("--base", default=None, help=f"base model (default {sources.DEFAULT_SOURCE}); must be the SPMs' family")
-    e.add_argument("--timesteps", type=_timesteps, default=[0, 251, 501, 701, 951])
+    e.add_argument("--timesteps", type=_timesteps, default=[0, 251, 501, 701, 951], help="comma-separated timesteps to evaluate at (default: 0,251,501,701,951, the paper's)")
     e.add_argument("--min-judge-gap", type=finite_float, default=None,
                    help="toy data: keep pairs whose toy-judge aesthetic scores differ by at least this")
     e.add_argument("--against", choices=["labels", "judge"], default="labels",
@@ -37,11 +37,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--same-judge-alignment", action="store_true",
                    help="toy data: keep only pairs whose two images the toy judge finds equally aligned with the caption")
     e.add_argument("--limit", type=positive_int, default=None, help="evaluate at most this many decided pairs")
-    e.add_argument("--batch-size", type=positive_int, default=16)
+    e.add_argument("--batch-size", type=positive_int, default=16, help="pairs per batch (default: %(default)s)")
     add_cfg_scale(e, 5.0, "CFG scale of the base model's x0-hat prediction", finite_float)
     e.add_argument("--seed", type=seed, default=0, help="seed of the noise at each t (0..2**32-1, -1: random)")
     e.add_argument("--out", type=Path, default=Path("outputs/spm_eval"), help="folder for accuracy.json + accuracy.png")
-    e.add_argument("--no-progress", dest="progress", action="store_false")
+    e.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
     g = sub.add_parser("siblings", help="does a preference model pick, among SPO's k candidates, the one a clean-image "
                                         "reference prefers once finished? (per sampling step, with a plot)")
@@ -57,25 +57,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--cpu", action="store_true", help="run on CPU even when a GPU is present")
     g.add_argument("--prompts", default=None, metavar="FILE",
                    help="prompts (JSON list, text, CSV/parquet); default for a built-in base model: its held-out prompts")
-    g.add_argument("--prompt-column", default=None)
+    g.add_argument("--prompt-column", default=None, help="column of a CSV/parquet prompts file")
     g.add_argument("-n", "--num-prompts", type=positive_int, default=64, help="prompts to branch (at most)")
     g.add_argument("--k", type=positive_int, default=4, help="candidates per branching (SPO: 4 for SD1.5, 2 for SDXL)")
     g.add_argument("--at-steps", type=_timesteps, default=[0, 4, 10, 14, 18],
                    help="sampling steps (0-based, of --num-steps) to branch at")
-    g.add_argument("--num-steps", type=positive_int, default=20)
+    g.add_argument("--num-steps", type=positive_int, default=20, help="DDIM sampling steps (default: %(default)s)")
     add_cfg_scale(g, 5.0, "CFG scale of the sampling", finite_float)
-    g.add_argument("--eta", type=finite_float, default=1.0)
+    g.add_argument("--eta", type=finite_float, default=1.0, help="DDIM eta of the branching steps (default: %(default)s, SPO's)")
     g.add_argument("--batch-size", type=positive_int, default=8, help="prompts per batch (k candidates each)")
     g.add_argument("--seed", type=seed, default=0, help="seed of the branched trajectories (0..2**32-1, -1: random)")
     g.add_argument("--out", type=Path, default=Path("outputs/spm_siblings"), help="folder for siblings.json + siblings.png")
-    g.add_argument("--no-progress", dest="progress", action="store_false")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
     c = sub.add_parser("convert", help="convert an official SPM checkpoint (.bin torch pickle) to an SPM folder")
     c.add_argument("checkpoint", type=Path, help="official final_ckpt.bin")
     c.add_argument("--clip", type=Path, required=True, help="the local CLIP folder it was trained from (PickScore_v1)")
     c.add_argument("--family", choices=["sd15", "sdxl"], required=True, help="the base model family it was trained for")
     c.add_argument("--base-model", default=None, help="name of the base model it was trained for")
-    c.add_argument("--out", type=Path, required=True)
+    c.add_argument("--out", type=Path, required=True, help="output SPM folder")
     c.add_argument("--allow-pickle", action="store_true",
                    help="required: the .bin is a torch pickle (read with torch.load(weights_only=True))")
 

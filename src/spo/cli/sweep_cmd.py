@@ -52,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a suggested strength loses at most this many alignment points against strength 0 "
                              "(mean over the same seeds; default: %(default)s)")
     parser.add_argument("--tolerance", type=_float, default=None, help=argparse.SUPPRESS)  # the old rule: ignored, said so
-    parser.add_argument("--out", type=Path, default=Path("outputs/sweep"))
+    parser.add_argument("--out", type=Path, default=Path("outputs/sweep"), help="output folder: grid, cells, scores, suggestion (default: %(default)s)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -16,43 +16,43 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="toy_command", metavar="ACTION", required=True, parser_class=type(parser))
     b = sub.add_parser("build", help="train the tiny SD1.5/SDXL-family base models (from scratch, or --continue-from a build)")
     b.add_argument("--out", type=Path, default=None, help="output folder (default: the package's toy_models)")
-    b.add_argument("--family", choices=["sd15", "sdxl", "both"], default="both")
+    b.add_argument("--family", choices=["sd15", "sdxl", "both"], default="both", help="which toy model families to build (default: %(default)s)")
     b.add_argument("--images", type=positive_int, default=budget["n_images"], help="training renders")
-    b.add_argument("--vae-steps", type=positive_int, default=budget["vae_steps"])
+    b.add_argument("--vae-steps", type=positive_int, default=budget["vae_steps"], help="VAE training steps (default: %(default)s)")
     b.add_argument("--decoder-steps", type=nonneg_int, default=budget["decoder_steps"],
                    help="decoder-only fine-tuning after the VAE (keeps the latent space)")
-    b.add_argument("--unet-steps", type=nonneg_int, default=budget["unet_steps"])
+    b.add_argument("--unet-steps", type=nonneg_int, default=budget["unet_steps"], help="UNet training steps (default: %(default)s)")
     b.add_argument("--continue-from", type=Path, default=None, metavar="DIR",
                    help="keep training the toy models in DIR (its VAE encoder, hence latent space, is kept)")
-    b.add_argument("--batch", type=positive_int, default=budget["batch"])
+    b.add_argument("--batch", type=positive_int, default=budget["batch"], help="training batch size (default: %(default)s)")
     b.add_argument("--seed", type=seed, default=0, help="0..2**32-1, -1 for a random one")
 
     from spo.toy.defaults import CLIP as clip_budget
 
     c = sub.add_parser("clip", help="pretrain a tiny CLIP on toy renders (the toy's PickScore/CLIP, for `spo spm train --init`)")
-    c.add_argument("--out", type=Path, default=Path("outputs/toy_clip"))
-    c.add_argument("--images", type=positive_int, default=clip_budget["n_images"])
-    c.add_argument("--steps", type=positive_int, default=clip_budget["steps"])
-    c.add_argument("--batch", type=positive_int, default=clip_budget["batch"])
+    c.add_argument("--out", type=Path, default=Path("outputs/toy_clip"), help="output folder: a transformers CLIP folder (default: %(default)s)")
+    c.add_argument("--images", type=positive_int, default=clip_budget["n_images"], help="training renders (default: %(default)s)")
+    c.add_argument("--steps", type=positive_int, default=clip_budget["steps"], help="contrastive training steps (default: %(default)s)")
+    c.add_argument("--batch", type=positive_int, default=clip_budget["batch"], help="batch size (default: %(default)s)")
     c.add_argument("--seed", type=seed, default=0, help="0..2**32-1, -1 for a random one")
 
     s = sub.add_parser("sample", help="sample a toy base model on held-out captions and judge the images")
-    s.add_argument("--family", choices=["sd15", "sdxl"], default="sd15")
+    s.add_argument("--family", choices=["sd15", "sdxl"], default="sd15", help="toy model family (default: %(default)s)")
     s.add_argument("--model", type=Path, default=None, help="a toy pipeline folder (default: the shipped one)")
-    s.add_argument("-n", "--num-images", type=positive_int, default=64)
-    s.add_argument("--split", choices=["heldout", "train"], default="heldout")
-    s.add_argument("--steps", type=positive_int, default=20)
+    s.add_argument("-n", "--num-images", type=positive_int, default=64, help="images to sample and judge (default: %(default)s)")
+    s.add_argument("--split", choices=["heldout", "train"], default="heldout", help="captions from the held-out or the training split (default: %(default)s)")
+    s.add_argument("--steps", type=positive_int, default=20, help="DDIM steps (default: %(default)s)")
     add_cfg_scale(s, 5.0, "classifier-free guidance scale", finite_float)
     s.add_argument("--seed", type=seed, default=0, help="0..2**32-1, -1 for a random one")
-    s.add_argument("--out", type=Path, default=Path("outputs/toy_sample"))
+    s.add_argument("--out", type=Path, default=Path("outputs/toy_sample"), help="output folder: grid.png, scores.json (default: %(default)s)")
 
     p = sub.add_parser("pairs", help="write Pick-a-Pic-schema preference pairs from toy base-model samples or renders")
     p.add_argument("--source", choices=["model", "render"], default="model",
                    help="two samples of the toy base model per caption, or two renders with random defects "
                         "(Pick-a-Pic-like pairs from 'other generators'; no model needed, thousands per second)")
-    p.add_argument("--family", choices=["sd15", "sdxl"], default="sd15")
-    p.add_argument("--model", type=Path, default=None)
-    p.add_argument("-n", "--num-pairs", type=positive_int, default=256)
+    p.add_argument("--family", choices=["sd15", "sdxl"], default="sd15", help="toy model family of the model source (default: %(default)s)")
+    p.add_argument("--model", type=Path, default=None, help="a toy pipeline folder (default: the shipped one)")
+    p.add_argument("-n", "--num-pairs", type=positive_int, default=256, help="pairs to write (default: %(default)s)")
     p.add_argument("--split", choices=["train", "heldout"], default="train",
                    help="captions from the training set or the held-out combinations (for evaluation pairs)")
     p.add_argument("--p-wrong", type=probability, default=0.3,
@@ -60,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--p-missing", type=probability, default=0.1,
                    help="render source: share of images whose subject is faint or missing")
     p.add_argument("--seed", type=seed, default=0, help="0..2**32-1, -1 for a random one")
-    p.add_argument("--out", type=Path, default=Path("outputs/toy_pairs.parquet"))
+    p.add_argument("--out", type=Path, default=Path("outputs/toy_pairs.parquet"), help="output parquet file (default: %(default)s)")
 
     k = sub.add_parser("tokenizer", help="rebuild the shipped CLIP BPE files (vocab.json, merges.txt) from open_clip's wheel")
     k.add_argument("--from-open-clip-wheel", dest="wheel", type=Path, required=True,
