@@ -9,6 +9,7 @@ import numpy as np
 from spo.models.family import FAMILIES
 from spo.models.family import get as get_family
 from spo.sampling.images import sample_native, spread_seeds
+from spo import stats
 from spo.toy.defaults import TOY_MODEL_DIR
 
 
@@ -42,9 +43,9 @@ def judge_images(images, prompts) -> dict:
     return {
         "n": n,
         "aesthetic_mean": float(aes.mean()), "aesthetic_std": float(aes.std(ddof=1)) if n > 1 else 0.0,
-        "aesthetic_ci95": float(1.96 * aes.std(ddof=1) / np.sqrt(n)) if n > 1 else 0.0,
+        "aesthetic_ci95": stats.mean_half_width(aes) if n > 1 else 0.0,
         "aesthetic_p10": float(np.percentile(aes, 10)), "aesthetic_p90": float(np.percentile(aes, 90)),
-        "alignment": float(ali.mean()), "alignment_ci95": float(1.96 * np.sqrt(ali.mean() * (1 - ali.mean()) / n)),
+        "alignment": float(ali.mean()), "alignment_ci95": stats.proportion_half_width(float(ali.mean()), n),
         "per_image": {"aesthetic": aes.tolist(), "alignment": ali.tolist()},
     }
 
