@@ -16,21 +16,18 @@ from pathlib import Path
 import pytest
 
 from spo.train.config import DPOConfig, SPMConfig, SPOConfig, build_config, preset_names, to_toml
+from test_reliability_kill import SCORER
+from test_reliability_kill import TRAIN as KILL_TRAIN
 
 pytestmark = pytest.mark.slow  # integration: real training runs or subprocess chains
 
-SCORER = '''
-def brightness(images, prompts, t):
-    return images.mean((1, 2, 3)) * 10
-'''
-# 4 prompts / batch 2 = 2 batches per epoch.
-TRAIN = ["train", "--max-prompts", "4", "--sample-batch-size", "2", "--num-steps", "3", "--divert-start-step", "1",
-         "--k", "2", "--validation-images", "0", "--report-to", "none", "--threshold", "0",
-         "--preference", "eng_scorer:brightness", "--no-evaluate", "--no-report"]
+# The reliability suite's short SPO run (4 prompts / batch 2 = 2 batches per epoch) and its brightness scorer;
+# later flags override its --epochs.
+TRAIN = [*KILL_TRAIN, "--no-report"]
 
 
 def _env(tmp_path: Path) -> dict:
-    (tmp_path / "eng_scorer.py").write_text(SCORER)
+    (tmp_path / "rk_scorer.py").write_text(SCORER)
     return dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
                 OMP_NUM_THREADS="1")
 
