@@ -126,6 +126,20 @@ def compare(before: Path, after: Path) -> int:
     return 0 if bad == 0 else 1
 
 
+def grid_cells(before: Path, after: Path, cell: int = 128) -> str:
+    """Validation grids that gained per-image labels (a strip under each row): are the image cells the same?"""
+    import numpy as np
+    from PIL import Image
+
+    a, b = (np.asarray(Image.open(p).convert("RGB")) for p in (before, after))
+    cols, rows = a.shape[1] // cell, a.shape[0] // cell
+    strip = b.shape[0] // rows - cell
+    same = sum(np.array_equal(a[r * cell:(r + 1) * cell, c * cell:(c + 1) * cell],
+                              b[r * (cell + strip):r * (cell + strip) + cell, c * cell:(c + 1) * cell])
+               for r in range(rows) for c in range(cols))
+    return f"{after.name}: {same} of {rows * cols} image cells pixel-identical (label strip {strip} px per row)"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="action", required=True)
@@ -135,9 +149,14 @@ def main() -> int:
     c = sub.add_parser("compare")
     c.add_argument("before", type=Path)
     c.add_argument("after", type=Path)
+    g = sub.add_parser("cells", help="image cells of labelled validation grids against unlabelled ones")
+    g.add_argument("pairs", type=Path, nargs="+", help="BEFORE.png AFTER.png [BEFORE.png AFTER.png ...]")
     args = parser.parse_args()
     if args.action == "compare":
         return compare(args.before, args.after)
+    if args.action == "cells":
+        print("\n".join(grid_cells(a, b) for a, b in zip(args.pairs[::2], args.pairs[1::2])))
+        return 0
     if args.work is not None:
         record(args.out.resolve(), args.work.resolve())
     else:
