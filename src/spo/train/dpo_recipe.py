@@ -210,11 +210,11 @@ def train_dpo(cfg: DPOConfig, log=print) -> dict:
     from spo.models.loading import load_pipeline
     from spo.sources import get
 
+    if not cfg.data and get(cfg.base) is None:
+        raise SpoInputError("no preference pairs given: pass --data PARQUET... (Pick-a-Pic schema: caption, jpg_0, "
+                            "jpg_1, label_0, label_1)")
     run = open_run(cfg, "dpo", log)
     with run:
-        if not cfg.data and get(cfg.base) is None:
-            raise SpoInputError("no preference pairs given: pass --data PARQUET... (Pick-a-Pic schema: caption, jpg_0, "
-                                "jpg_1, label_0, label_1)")
         items = load_pairs(cfg.data, cfg.max_pairs, log) if cfg.data else None  # before the model: fails in a second
         set_seed(cfg.seed)
         pipe = load_pipeline(cfg.base)
