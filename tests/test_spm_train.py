@@ -203,8 +203,8 @@ def test_eval_same_judge_alignment_keeps_only_equally_aligned_pairs(pairs_file, 
 
 
 @pytest.mark.parametrize("extra", [
-    ["--steps", "0"],
-    ["--lr", "abc"],
+    ["--max-train-steps", "0"],
+    ["--learning-rate", "abc"],
     ["--max-t", "2000"],
     ["--relabel-threshold", "1.5"],
     ["--init", "/no/such/clip"],
