@@ -43,7 +43,7 @@ def gen_dir(tmp_path_factory):
 
 def test_sweep_grid_size_labels_and_seed_matching(sweep_dir):
     from spo.show.generate import Generator, Settings
-    from spo.show.sweep import MIN_CELL
+    from spo.show.grid import MIN_CELL
 
     data = json.loads((sweep_dir / "sweep.json").read_text())
     assert (data["x"], data["y"]) == ("strength", "seed")

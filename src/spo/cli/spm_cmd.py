@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from spo.cli.argtypes import finite_float, nonneg_int, positive_int, seed
+from spo.cli.argtypes import finite_float, positive_int, seed
 from spo.deprecation import add_cfg_scale
 from spo import sources
 from spo.errors import SpoInputError

@@ -21,7 +21,7 @@ import numpy as np
 from spo import stats
 from spo.errors import SpoInputError
 from spo.io import check_output_dir
-from spo.show.grid import MIN_CELL, labelled_grid  # noqa: F401 - MIN_CELL: part of this module's API
+from spo.show.grid import labelled_grid
 
 AXES = ("strength", "denoise", "seed", "scheduler", "steps", "cfg", "prompt")
 DEFAULT_STRENGTHS = (-1.0, 0.0, 0.5, 1.0, 1.5, 2.0)

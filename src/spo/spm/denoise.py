@@ -13,7 +13,7 @@ import torch
 
 from spo.ddim import add_noise, x0_from_output
 from spo.ddim import cfg as apply_cfg
-from spo.models.family import encode, native_resolution
+from spo.models.family import encode
 
 
 
