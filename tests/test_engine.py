@@ -89,8 +89,10 @@ def test_history_survives_an_interrupt_and_resume(tmp_path):
     assert full.returncode == 0, full.stderr[-2000:]
     out = tmp_path / "part"
     args = [*long, "--out", str(out)]
+    # A background job's children start with SIGINT ignored (then Python raises no KeyboardInterrupt): restore it.
     p = subprocess.Popen([sys.executable, "-m", "spo", *args], env=_env(tmp_path), stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+                         stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
     def in_second_epoch():  # a checkpoint of epoch index 1 (older ones are pruned as the run goes)
         return any((c / "state.json").is_file() for c in (out / "checkpoints").glob("checkpoint-0001-*"))
