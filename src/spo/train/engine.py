@@ -135,8 +135,8 @@ class Run:
             self._lock = lock_folder(self.out)
         return self.out
 
-    def attach(self, model: torch.nn.Module, params: list, total_steps: int, prepare: tuple = ()) -> tuple:
-        """Optimizer, schedule and accelerate for `model`; resume when asked. Returns the prepared `prepare` objects.
+    def attach(self, model: torch.nn.Module, params: list, total_steps: int) -> None:
+        """Optimizer, schedule and accelerate for `model`; resume when asked.
 
         The schedule is not handed to accelerate: it would step once per process, and it counts optimizer steps.
         """
@@ -145,13 +145,11 @@ class Run:
         self.optimizer = make_optimizer(cfg, params)
         self.lr_sched = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: learning_rate_factor(s, cfg.lr_warmup_steps, total_steps, cfg.lr_schedule))
-        prepared = self.accelerator.prepare(model, self.optimizer, *prepare)
-        self.module, self.optimizer = prepared[0], prepared[1]
+        self.module, self.optimizer = self.accelerator.prepare(model, self.optimizer)
         self.model = self.accelerator.unwrap_model(self.module)
         self.resume()
         if cfg.report_to != "none":
             self.accelerator.init_trackers(self.name, config={k: str(v) for k, v in to_dict(cfg).items()})
-        return tuple(prepared[2:])
 
     def resume(self) -> None:
         ckpt_dir = self.out / CHECKPOINT_DIR

@@ -209,10 +209,9 @@ def train(cfg: SPOConfig, scorer=None, log=print) -> dict:
             scorer = load_preference(cfg.preference, cfg.base, family)
         run.create_output_dir()
         unet, frozen_copy, params = setup_unet(pipe, cfg, family, run.device)
-        steps_per_epoch = math.ceil(len(prompts) / (cfg.sample_batch_size * run.accelerator.num_processes))
-        run.attach(unet, params, total_steps=cfg.epochs * steps_per_epoch // cfg.gradient_accumulation_steps)
         sched = schedule(pipe.scheduler, cfg.num_steps, run.device)
         method = SPOMethod(cfg, pipe, family, frozen_copy, prompts, scorer, sched, run.accelerator.num_processes,
                            run.accelerator.process_index)
+        run.attach(unet, params, total_steps=cfg.epochs * method.batches_per_epoch() // cfg.gradient_accumulation_steps)
         fit(run, method)
         return method.finish(run)
