@@ -184,17 +184,20 @@ def brightness(images, prompts, t):
     return images.mean(dim=(1, 2, 3)) * 10
 
 out, per_process = sys.argv[1], int(sys.argv[2])
+# Rounds of 2 prompts x 3 transitions; global train batches of 4 (2 per process): 6 kept -> train batches of 4 and 2
 cfg = build_config("toy-sd15", overrides=dict(max_prompts=4, sample_batch_size=per_process, num_steps=5,
+                   train_batch_size=2 * per_process,
                    divert_start_step=2, validation_images=0, threshold=0.0, report_to="none", epochs=1,
                    adam_eps=1e-2, output_dir=out))
 result = train(cfg, brightness, log=lambda *_: None)
 rank = int(os.environ.get("RANK", 0))
-save_file({k: v.contiguous() for k, v in get_peft_model_state_dict(result["model"]).items()}, f"{out}/rank{rank}.safetensors")
+save_file({k: v.contiguous() for k, v in get_peft_model_state_dict(result["model"]).items()}, f"{out}/rank{rank}.safetensors",
+          metadata={"steps": str(result["steps"])})
 """
 
 
 def test_two_cpu_processes_match_one_process_with_the_same_global_batch(tmp_path):
-    """accelerate over torch.distributed (gloo): 2 processes x 1 prompt == 1 process x 2 prompts."""
+    """accelerate over torch.distributed (gloo): 2 processes x (1 prompt, train batch 2) == 1 process x (2, 4)."""
     import os
     import subprocess
     import sys
@@ -211,6 +214,10 @@ def test_two_cpu_processes_match_one_process_with_the_same_global_batch(tmp_path
     assert one.returncode == 0, one.stderr[-2000:]
     r0, r1 = load_file(tmp_path / "two" / "rank0.safetensors"), load_file(tmp_path / "two" / "rank1.safetensors")
     single = load_file(tmp_path / "one" / "rank0.safetensors")
+    from safetensors import safe_open
+
+    steps = [safe_open(tmp_path / d / "rank0.safetensors", "pt").metadata()["steps"] for d in ("two", "one")]
+    assert steps == ["4", "4"]  # 2 rounds x 2 train batches (4 + 2 of the 6 kept transitions)
     moved = False
     for key in single:
         torch.testing.assert_close(r0[key], r1[key], atol=0, rtol=0)  # ranks identical
@@ -220,3 +227,65 @@ def test_two_cpu_processes_match_one_process_with_the_same_global_batch(tmp_path
         torch.testing.assert_close(r0[key], single[key], atol=1e-6, rtol=1e-5)
         moved |= "lora_B" in key and bool(single[key].abs().sum() > 0)
     assert moved, "training changed nothing"
+
+
+def test_one_round_follows_the_official_update_structure(tmp_path):
+    """From the official recipe's description: a round's K kept transitions are shuffled and split into train batches
+    of B; each train batch is one AdamW step on its mean loss (no clipping). So one round takes ceil(K/B) optimizer
+    steps, and the LoRA ends where a plain loop written from that description ends."""
+    from spo.train.finetune import continue_lora, epoch_order, item_generators, save_lora
+    from spo.train.spo_recipe import collect_pairs, load_training_prompts
+
+    pipe = load_pipeline("toy:sd15")
+    cfg = build_config("toy-sd15", overrides=dict(k=3, max_prompts=2, sample_batch_size=2, num_steps=6,
+                                                  divert_start_step=2, threshold=0.0, train_batch_size=3, epochs=1,
+                                                  validation_images=0, report_to="none", max_grad_norm=0.0,
+                                                  learning_rate=1e-3, adam_eps=1e-2, seed=11))
+    add_lora(pipe.unet, cfg)  # a fixed start off the identity, so ratios move from the first step
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in pipe.unet.named_parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * (0.01 if "lora_B" in name else 0.5))
+    save_lora(pipe, pipe.unet, tmp_path / "start", {})
+    cfg.init_lora, cfg.output_dir = str(tmp_path / "start"), str(tmp_path / "run")
+    result = train(cfg, brightness, log=lambda *_: None)
+
+    # The plain loop: the same round (same prompts, same generators), then the description's update.
+    plain = load_pipeline("toy:sd15")
+    continue_lora(plain.unet, str(tmp_path / "start"), "sd15")
+    unet = plain.unet
+    params = [p for p in unet.parameters() if p.requires_grad]
+    prompts = load_training_prompts(cfg)
+    positions = epoch_order(len(prompts), cfg.seed, 0)[:2].tolist()
+    sched = schedule(plain.scheduler, cfg.num_steps)
+    pairs, cond, uncond = collect_pairs(plain, unet, brightness, [prompts[i] for i in positions],
+                                        item_generators(cfg.seed, 0, positions), cfg, sched)
+    kept = pairs.select(pairs.keep)
+    n_kept = len(kept)
+    assert n_kept == 2 * (cfg.num_steps - cfg.divert_start_step)  # threshold 0: every pair kept
+    # the documented shuffle: a permutation seeded by (seed, epoch, round, inner epoch)
+    perm = torch.randperm(n_kept, generator=torch.Generator().manual_seed(hash((cfg.seed, 0, 0, 0)) % (2**63)))
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+    reference = copy.deepcopy(unet)
+    reference.disable_adapters()
+    reference.requires_grad_(False)
+    steps = 0
+    for start in range(0, n_kept, cfg.train_batch_size):
+        batch = kept.select(perm[start: start + cfg.train_batch_size])
+        _paper_losses(unet, reference, batch, cond, uncond, cfg, sched[1], sched[2]).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        steps += 1
+
+    assert result["steps"] == steps == math.ceil(n_kept / cfg.train_batch_size) == 3
+    from peft.utils import get_peft_model_state_dict
+
+    ours, theirs = get_peft_model_state_dict(result["model"]), get_peft_model_state_dict(unet)
+    start = load_file(tmp_path / "start" / "pytorch_lora_weights.safetensors")
+    moved = 0.0
+    for key in ours:
+        torch.testing.assert_close(ours[key], theirs[key], atol=2e-6, rtol=1e-4)
+        moved = max(moved, float((theirs[key] - start["unet." + key]).abs().max()))
+    assert moved > 1e-4, "the plain loop's weights did not move"

@@ -60,7 +60,7 @@ class RunConfig:
     max_grad_norm: float = opt(1.0, "clip the gradient norm to this (0: no clipping)")
     lr_warmup_steps: int = opt(0, "linear learning-rate warm-up, in optimizer steps")
     lr_schedule: str = opt("constant", "after warm-up: constant, or cosine decay to 0 at the last step")
-    gradient_accumulation_steps: int = opt(1, "batches per optimizer step")
+    gradient_accumulation_steps: int = opt(1, "train batches per optimizer step")
     mixed_precision: str = opt("no", "no, fp16 (GPU) or bf16")
     gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass (saves memory)")
     use_8bit_adam: bool = opt(False, "bitsandbytes' 8-bit AdamW (saves optimizer memory; needs bitsandbytes)")
@@ -106,7 +106,10 @@ class SPOConfig(FinetuneConfig):
     divert_start_step: int = opt(4, "the first this many steps are plain sampling, not trained on")
     threshold: float = opt(0.3, "keep a pair iff the softmax gap of best and worst exceeds this")
     num_inner_steps: int = opt(0, "SDXL recipe: steps each branch continues before judging (paper: 3)")
-    sample_batch_size: int = opt(10, "prompts per sampling batch, per process")
+    sample_batch_size: int = opt(10, "prompts per sampling round, per process (paper: 10 SD1.5, 2 SDXL)")
+    train_batch_size: int = opt(10, "kept transitions per train batch, per process: one backward on their mean loss "
+                                    "(paper: 10 SD1.5, 2 SDXL)")
+    inner_epochs: int = opt(1, "passes over each round's kept transitions, reshuffled each time (paper: 1)")
     beta: float = opt(10.0, "beta of the SPO loss")
     clip_eps: float = opt(0.1, "ratio clipping band of the SPO loss: p_theta / p_ref is clamped to "
                                "[1 - clip_eps, 1 + clip_eps] (paper: 0.1)")
@@ -249,7 +252,8 @@ def _checks(cfg: RunConfig) -> list[tuple[bool, str, str]]:
                   (cfg.lora_alpha > 0, "lora_alpha", "must be positive"),
                   (bool(cfg.lora_targets), "lora_targets", "must name at least one module")]
     if isinstance(cfg, SPOConfig):
-        rules += [(getattr(cfg, k) > 0, k, "must be positive") for k in ("num_steps", "sample_batch_size")]
+        rules += [(getattr(cfg, k) > 0, k, "must be positive") for k in ("num_steps", "sample_batch_size",
+                                                                          "train_batch_size", "inner_epochs")]
         rules += [(cfg.k >= 2, "k", "must be at least 2 (best and worst of k candidates)"),
                   (cfg.num_steps <= NUM_TRAIN_TIMESTEPS, "num_steps", "must be at most 1000 (the schedulers' training timesteps)"),
                   (0 <= cfg.divert_start_step < cfg.num_steps, "divert_start_step",

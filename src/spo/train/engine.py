@@ -4,8 +4,9 @@ and its loss.
 A run (`open_run`, then `Run.attach`) owns the accelerator, the output folder (locked against a second run), the
 optimizer and its warm-up schedule, the position in the data (Progress), the history, trackers and the progress
 bar. `fit(run, method)` is the one loop: epochs of batches; each batch is the method's forward and backward
-(`Method.train_batch`), every `gradient_accumulation_steps` batches one optimizer step (gradients all-reduced once:
-the method runs its micro-batches under `run.no_sync` but the last); a NaN/inf loss or weight stops the run before
+(`Method.train_batch`), every `gradient_accumulation_steps` train batches one optimizer step (`Run.train_step`;
+gradients all-reduced once: the method runs its micro-batches under `run.no_sync` but the last). A batch is one
+train batch, or (SPO) a sampling round the method splits into train batches itself; a NaN/inf loss or weight stops the run before
 it is saved; checkpoints at the method's cadence are pickle-free (spo.train.checkpoint) and carry the config
 fingerprint and the history, so `--resume` continues the same run exactly and refuses a different one.
 Named events (`batch_ready`, `loss`, `optimizer_step`) go to hooks: the fault-injection seam is one of them.
@@ -42,6 +43,7 @@ class Progress:
     batch: int = 0  # batch index within the epoch
     step: int = 0  # optimizer steps
     iteration: int = 0  # batches done in all
+    pending: int = 0  # train batches whose gradients wait for the next optimizer step (accumulation)
 
 
 class Method:
@@ -50,6 +52,9 @@ class Method:
     name = "train"  # progress bar, tracker and summary label
     unit = "batch"
     weights = "trained"  # what the trained weights are, in messages ("LoRA", "UNet", "SPM")
+    # False: a batch is one train batch (the engine runs its step). True: the method splits each batch into train
+    # batches itself and calls `run.train_step` for each (SPO: one sampling round, many optimizer steps).
+    steps_inside = False
 
     def epochs(self) -> int:
         return 1
@@ -166,7 +171,8 @@ class Run:
         if differ:
             raise SpoInputError(f"cannot resume from {done[-1]}: the run's settings differ ({', '.join(differ)})")
         checkpoint.load_state(done[-1], self.model, self.optimizer, self.lr_sched)
-        self.progress = Progress(**{k: state[k] for k in asdict(Progress())})
+        # A checkpoint written before `pending` existed was always taken between optimizer steps (pending 0).
+        self.progress = Progress(**{k: state.get(k, v) for k, v in asdict(Progress()).items()})
         self.history = list(state.get("history", []))
         self.log(f"resumed from {done[-1]} (epoch {self.progress.epoch}, batch {self.progress.batch}, "
               f"step {self.progress.step})")
@@ -187,6 +193,23 @@ class Run:
         self.lr_sched.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.progress.step += 1
+
+    def train_step(self, backward: Callable[[bool], dict], weights: str = "trained", flush: bool = False) -> dict:
+        """One train batch: `backward(sync)` (gradients all-reduced iff `sync`), then an optimizer step once every
+        `gradient_accumulation_steps` train batches, or now when `flush` (the end of an epoch, as the official SPO
+        loop's end of data does). Returns backward's stats.
+        """
+        p = self.progress
+        sync = flush or p.pending + 1 == self.cfg.gradient_accumulation_steps
+        stats = backward(sync)
+        self.fire("loss", stats=stats)
+        check_finite(stats["loss"], [])
+        p.pending = 0 if sync else p.pending + 1
+        if sync:
+            self.optimizer_step()
+            self.fire("optimizer_step")
+            check_finite(stats["loss"], self.params, weights)
+        return stats
 
     def summary(self) -> dict:
         return {"epochs": self.progress.epoch, "steps": self.progress.step,
@@ -291,7 +314,7 @@ def fit(run: Run, method: Method) -> None:
             bar.set_postfix(method.postfix(stats))
             bar.update(1)
             _log(run, stats)
-            if p.iteration % run.cfg.gradient_accumulation_steps == 0 and method.checkpoint_due(run):
+            if p.pending == 0 and method.checkpoint_due(run):  # only between optimizer steps
                 run.save_checkpoint(method.checkpoint_name(p))
         p.epoch += 1
         p.batch = 0
@@ -302,15 +325,11 @@ def fit(run: Run, method: Method) -> None:
 
 def _one_batch(run: Run, method: Method) -> dict:
     p = run.progress
-    accumulation = run.cfg.gradient_accumulation_steps
-    stats = method.train_batch(run, sync_now=(p.iteration + 1) % accumulation == 0)
-    run.fire("loss", stats=stats)
-    check_finite(stats["loss"], [])
+    if method.steps_inside:
+        stats = method.train_batch(run, sync_now=False)
+    else:
+        stats = run.train_step(lambda sync: method.train_batch(run, sync), method.weights)
     p.iteration += 1
-    if p.iteration % accumulation == 0:
-        run.optimizer_step()
-        run.fire("optimizer_step")
-        check_finite(stats["loss"], run.params, method.weights)
     p.batch += 1
     stats.update(epoch=p.epoch, step=p.step, lr=run.lr_sched.get_last_lr()[0])
     run.history.append(stats)

@@ -1,14 +1,18 @@
 """The SPO recipe: config in, LoRA and images out. Its batches and its loss; the loop is spo.train.engine's.
 
-Each batch: sample a batch of prompts with the step-wise resampler using the current model
-(spo.sampling.resampler), then the clipped-ratio loss (spo.losses.spo_loss) on the kept win/lose transitions.
-The reference model is the frozen base: with LoRA it is the same UNet with its adapters disabled, so there is
-never a second UNet in memory.
+Each batch of the engine is a sampling round: a batch of prompts through the step-wise resampler with the current
+model (spo.sampling.resampler), then the official SPO update structure on the round's kept win/lose transitions:
+shuffled, split into train batches, one backward of the clipped-ratio loss (spo.losses.spo_loss, mean over the
+train batch) per train batch, one optimizer step every `gradient_accumulation_steps` train batches. The reference
+model is the frozen base: with LoRA it is the same UNet with its adapters disabled, so there is never a second
+UNet in memory.
 
-Distributed runs (accelerate launch) shard the prompts of each global batch across processes. Every prompt has
-its own random generator seeded by (seed, epoch, position), and each process's loss is normalised by its number
-of candidate transitions (kept or not), so N processes with batch B give the same update as one process with
-batch N*B.
+Distributed runs (accelerate launch) shard the prompts of each round across processes; every prompt has its own
+random generator seeded by (seed, epoch, position). The kept transitions of all processes are gathered and put in
+one canonical order before the shuffle, global train batch j is the j-th slice of N x train_batch_size
+transitions, and each process takes its share of it, so N processes with batches B give the same updates as one
+process with batches N*B. (The official loop instead deals every process a contiguous block of the shuffled round
+and drops the remainder, so its updates depend on the number of processes.)
 """
 
 from __future__ import annotations
@@ -128,63 +132,141 @@ def collect_pairs(pipe, model, scorer, prompts: list[str], generators, cfg: SPOC
     return pairs, cond, uncond
 
 
+# -------------------------------------------------------------------------------------------- update structure
+def round_train_batches(n_kept: int, global_batch: int, inner_epochs: int, seed: int, epoch: int,
+                        round_index: int) -> list[torch.Tensor]:
+    """The official SPO update structure for one sampling round: its kept transitions, shuffled (seeded by the run's
+    seed, the epoch, the round and the inner epoch), split into train batches of `global_batch` (the last one
+    shorter), once per inner epoch. Each train batch is one backward on its mean loss."""
+    batches = []
+    for inner in range(inner_epochs):
+        g = torch.Generator().manual_seed(hash((seed, epoch, round_index, inner)) % (2**63))
+        perm = torch.randperm(n_kept, generator=g)
+        batches += list(perm.split(global_batch)) if n_kept else []
+    return batches
+
+
+def canonical_order(pairs: Pairs, rows_per_round: int) -> Pairs:
+    """Transitions ordered by (step, prompt of the round): the same order however the round was sharded."""
+    key = pairs.step_index * rows_per_round + pairs.row
+    return pairs.select(torch.argsort(key, stable=True))
+
+
+def gather_pairs(accelerator, pairs: Pairs) -> Pairs:
+    """Every process's transitions, in process order (lengths differ: padded for the all-gather, then trimmed)."""
+    counts = accelerator.gather(torch.tensor([len(pairs)], device=accelerator.device)).tolist()
+    fields = {}
+    for name, value in vars(pairs).items():
+        padded = accelerator.gather(accelerator.pad_across_processes(value.contiguous(), dim=0))
+        width = padded.shape[0] // len(counts)
+        fields[name] = torch.cat([padded[r * width: r * width + n] for r, n in enumerate(counts)])
+    return Pairs(**fields)
+
+
 # -------------------------------------------------------------------------------------------- the method
 class SPOMethod(FinetuneMethod):
+    """One batch of the engine is one sampling round: `sample_batch_size` prompts per process through the resampler,
+    then the official update structure on the round's kept transitions (gathered from every process): shuffled,
+    split into train batches of `train_batch_size` per process, one backward each on the mean loss of its train
+    batch, an optimizer step every `gradient_accumulation_steps` train batches (flushed at the end of the epoch).
+    """
+
     name, title = "spo", "SPO"
+    steps_inside = True
 
     def __init__(self, cfg: SPOConfig, pipe, family, frozen_copy, prompts, scorer, sched, world: int, rank: int):
         super().__init__(cfg, pipe, family, frozen_copy, validation_prompts(cfg, prompts))
         self.prompts, self.scorer, self.sched, self.world, self.rank = prompts, scorer, sched, world, rank
-        # Per process, nominal (a short last batch keeps it): the loss normaliser that makes N x B equal 1 x NB.
-        self.n_candidates = cfg.sample_batch_size * (cfg.num_steps - cfg.divert_start_step)
+        self.trained_steps = cfg.num_steps - cfg.divert_start_step  # transitions per prompt per round
 
     def batches_per_epoch(self) -> int:
         return math.ceil(len(self.prompts) / (self.cfg.sample_batch_size * self.world))
 
+    def planned_steps(self) -> int:
+        """Optimizer steps of the run if every transition were kept (the cosine schedule's length)."""
+        cfg = self.cfg
+        per_round = math.ceil(cfg.sample_batch_size * self.trained_steps / cfg.train_batch_size) * cfg.inner_epochs
+        return max(1, cfg.epochs * self.batches_per_epoch() * per_round // cfg.gradient_accumulation_steps)
+
+    def round_positions(self, epoch: int, round_index: int) -> list[int]:
+        """Prompt positions of a global sampling round (this process samples its slice of them)."""
+        n = self.cfg.sample_batch_size * self.world
+        return self.order(len(self.prompts), epoch)[round_index * n: (round_index + 1) * n].tolist()
+
     def train_batch(self, run: Run, sync_now: bool) -> dict:
-        cfg, p = self.cfg, run.progress
-        order = self.order(len(self.prompts), p.epoch)
-        lo = p.batch * cfg.sample_batch_size * self.world + self.rank * cfg.sample_batch_size
-        positions = order[lo: lo + cfg.sample_batch_size].tolist()
-        batch_prompts = [self.prompts[i] for i in positions] if positions else [self.prompts[order[0]]]
-        gens = item_generators(cfg.seed, p.epoch, positions or [int(order[0])])
+        cfg, p, size = self.cfg, run.progress, self.cfg.sample_batch_size
+        positions = self.round_positions(p.epoch, p.batch)
+        mine = positions[self.rank * size: (self.rank + 1) * size]
+        # A process with no prompt left in a short last round samples one (unkept) so that it can still take part.
+        fallback = int(self.order(len(self.prompts), p.epoch)[0])
+        gens = item_generators(cfg.seed, p.epoch, mine or [fallback])
         run.module.eval()  # sampling with the current model, no gradients
-        pairs, cond, uncond = collect_pairs(self.pipe, run.model, self.scorer, batch_prompts, gens, cfg, self.sched,
-                                            self.dtype, run.accelerator.autocast)
+        pairs, cond, uncond = collect_pairs(self.pipe, run.model, self.scorer, [self.prompts[i] for i in mine or [fallback]],
+                                            gens, cfg, self.sched, self.dtype, run.accelerator.autocast)
         run.fire("batch_ready")
         run.module.train()
-        kept = pairs.select(pairs.keep if positions else torch.zeros_like(pairs.keep))
-        stats = self.backward(run, kept, pairs, cond, uncond, sync_now)
-        stats.update(kept_fraction=float(pairs.keep.float().mean()),
-                     mean_score=float(torch.cat([pairs.score_w, pairs.score_l]).mean()), n_candidates=self.n_candidates)
+        kept = pairs.select(pairs.keep if mine else torch.zeros_like(pairs.keep))
+        if self.world > 1:
+            kept.row = kept.row + self.rank * size  # rows of the global round
+            kept = gather_pairs(run.accelerator, kept)
+            with torch.no_grad(), run.accelerator.autocast():
+                round_prompts = [self.prompts[i] for i in positions]
+                cond, uncond = encode(self.pipe, round_prompts), encode(self.pipe, round_prompts, negative=True)
+        kept = canonical_order(kept, size * self.world)
+        stats = self.update(run, kept, pairs.select(slice(0, 1)), cond, uncond)
+        stats.update(pairs=len(kept), kept_fraction=len(kept) / (len(positions) * self.trained_steps),
+                     mean_score=float(torch.cat([pairs.score_w, pairs.score_l]).mean()))
         return stats
 
-    def backward(self, run: Run, kept: Pairs, pairs: Pairs, cond, uncond, sync_now: bool) -> dict:
-        """Backward of sum(loss of kept pairs) / n_candidates in micro-batches; gradients all-reduced once, on the last.
+    def update(self, run: Run, kept: Pairs, spare: Pairs, cond, uncond) -> dict:
+        """The round's train batches (`round_train_batches`), each through `run.train_step`."""
+        cfg, p = self.cfg, run.progress
+        batches = round_train_batches(len(kept), cfg.train_batch_size * self.world, cfg.inner_epochs, cfg.seed,
+                                      p.epoch, p.batch)
+        last_round = p.batch == self.batches_per_epoch() - 1
+        if last_round and not batches and p.pending:
+            batches = [torch.zeros(0, dtype=torch.long)]  # nothing kept: a zero-weight batch flushes the epoch's step
+        losses, ratio_w, ratio_l = [], [], []
+        for j, idx in enumerate(batches):
+            share = torch.tensor_split(idx, self.world)[self.rank]
+            stats = run.train_step(lambda sync: self.backward(run, kept.select(share), spare, len(idx), cond, uncond,
+                                                              sync), self.weights, flush=last_round and j == len(batches) - 1)
+            if len(idx):
+                losses.append(stats["loss"])
+            ratio_w += stats["ratio_win"]
+            ratio_l += stats["ratio_lose"]
+        return {"loss": sum(losses) / len(losses) if losses else 0.0, "train_batches": len(batches),
+                "ratio_win": float(torch.cat(ratio_w).mean()) if ratio_w else 1.0,
+                "ratio_lose": float(torch.cat(ratio_l).mean()) if ratio_l else 1.0}
 
-        Ranks keep different numbers of pairs, so accelerate's per-backward sync could deadlock; every rank
-        runs at least one (possibly zero-weight) micro-batch and syncs exactly once per optimizer step.
+    def backward(self, run: Run, mine: Pairs, spare: Pairs, n_global: int, cond, uncond, sync: bool) -> dict:
+        """Backward of this process's share of a train batch, scaled so that the all-reduced (averaged) gradient is
+        that of the train batch's mean loss over all `n_global` transitions, divided by the accumulation steps.
+
+        Micro-batches of `train_micro_batch` bound the memory; a process with no share (or a flushing batch with no
+        transition) runs one zero-weight micro-batch so that every process all-reduces together.
         """
         cfg, (_, a_t, a_prev) = self.cfg, self.sched
+        source, weight = (mine, 1.0) if len(mine) else (spare, 0.0)
+        scale = weight * self.world / (max(n_global, 1) * cfg.gradient_accumulation_steps)
         micro = cfg.train_micro_batch
-        source, weight = (kept, 1.0) if len(kept) else (pairs.select(slice(0, 1)), 0.0)
         chunks = [source.select(slice(s, s + micro)) for s in range(0, len(source), micro)]
-        total_loss, ratio_w, ratio_l = 0.0, [], []
-        scale = weight / (self.n_candidates * cfg.gradient_accumulation_steps)
+        total, ratio_w, ratio_l = 0.0, [], []
         for n, chunk in enumerate(chunks):
-            with run.no_sync(n == len(chunks) - 1, sync_now):
+            with run.no_sync(n == len(chunks) - 1, sync):
                 losses, logp_w, logp_l, ref_w, ref_l = pair_losses(
                     run.module, self.reference(run), _cast(chunk, self.dtype), cond, uncond, cfg, a_t, a_prev,
                     run.accelerator.autocast)
                 run.accelerator.backward(losses.sum() * scale)
-            total_loss += float(losses.detach().sum())
-            ratio_w.append(torch.exp(logp_w - ref_w).detach())
-            ratio_l.append(torch.exp(logp_l - ref_l).detach())
-        return {"loss": total_loss / max(len(kept), 1) if len(kept) else 0.0, "pairs": len(kept),
-                "ratio_win": float(torch.cat(ratio_w).mean()), "ratio_lose": float(torch.cat(ratio_l).mean())}
+            total += float(losses.detach().sum())
+            if weight:
+                ratio_w.append(torch.exp(logp_w - ref_w).detach())
+                ratio_l.append(torch.exp(logp_l - ref_l).detach())
+        return {"loss": total / len(mine) if len(mine) else 0.0, "ratio_win": ratio_w, "ratio_lose": ratio_l}
 
     def postfix(self, stats: dict) -> dict:
-        return {"loss": f"{stats['loss']:.4f}", "kept": f"{stats['kept_fraction']:.2f}"}
+        return {"loss": f"{stats['loss']:.4f}", "kept": f"{stats['kept_fraction']:.2f}",
+                "steps": str(stats["train_batches"])}
 
 
 def _cast(pairs: Pairs, dtype) -> Pairs:
@@ -212,6 +294,6 @@ def train(cfg: SPOConfig, scorer=None, log=print) -> dict:
         sched = schedule(pipe.scheduler, cfg.num_steps, run.device)
         method = SPOMethod(cfg, pipe, family, frozen_copy, prompts, scorer, sched, run.accelerator.num_processes,
                            run.accelerator.process_index)
-        run.attach(unet, params, total_steps=cfg.epochs * method.batches_per_epoch() // cfg.gradient_accumulation_steps)
+        run.attach(unet, params, total_steps=method.planned_steps())
         fit(run, method)
         return method.finish(run)
