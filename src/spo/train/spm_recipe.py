@@ -167,7 +167,7 @@ def train(cfg: SPMConfig) -> dict:
     with run:
         pairs, summary = load_data(cfg)  # before the model: bad data fails in a second and leaves no folder
         run.create_output_dir()
-        pipe = load_pipeline(cfg.base)
+        pipe = load_pipeline(cfg.base, vae=cfg.vae)
         freeze(pipe)
         pipe.to(run.device)
         family, side = family_of(pipe), native_resolution(pipe)
