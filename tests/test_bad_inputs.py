@@ -219,6 +219,21 @@ CASES = [
                                         "--out", "{t}/o"], ["nope"], ["{t}/o"]),
     ("generate-prompt-column-without-file", ["generate", "--prompt", "x", "--prompt-column", "text", "--out", "{t}/o"],
      ["--prompt-column"], ["{t}/o"]),
+    # ---- --vae of another family or latent size, or none at all
+    ("generate-vae-other-family", ["generate", "--model", "toy:sdxl", "--vae", "{vae_sd15}", "--prompt", "x",
+                                   "--out", "{t}/o"], ["scaling_factor 0.18215, an SD1.5 VAE", "family"], ["{t}/o"]),
+    ("generate-vae-16-channels", ["generate", "--vae", "{vae16}", "--prompt", "x", "--out", "{t}/o"],
+     ["16-channel", "takes 4"], ["{t}/o"]),
+    ("generate-vae-pickle", ["generate", "--vae", "{keep}", "--prompt", "x", "--out", "{t}/o"], ["pickle"], ["{t}/o"]),
+    ("sweep-vae-other-family", ["sweep", "--model", "toy:sdxl", "--vae", "{vae_sd15}", "--prompt", "x", "-x", "cfg",
+                                "--cfgs", "3", "5", "--score", "none", "--out", "{t}/o"], ["SD1.5 VAE"], ["{t}/o"]),
+    ("train-vae-16-channels", ["train", "--vae", "{vae16}", "--preference", "bad_inputs_scorer:brightness",
+                               "--max-prompts", "2", "--out", "{t}/o"], ["16-channel"], ["{t}/o"]),
+    ("train-missing-vae", ["train", "--vae", "{t}/nope", "--out", "{t}/o"], ["vae", "nope"], ["{t}/o"]),
+    ("dpo-vae-other-family", ["dpo", "--base", "toy:sdxl", "--vae", "{vae_sd15}", "--out", "{t}/o"], ["SD1.5 VAE"],
+     ["{t}/o"]),
+    ("spm-siblings-vae-16-channels", ["spm", "siblings", "toy:sd15", "--vae", "{vae16}", "--out", "{t}/o"],
+     ["16-channel"], ["{t}/o"]),
 ]
 
 # export (H4)
@@ -294,6 +309,13 @@ def assets(tmp_path_factory):
     (d / "textdir" / "text.png").write_text("not an image, despite the name\n")
     (d / "many.txt").write_text("a large red circle on a white background, in the center\n" * 10_001)
     (d / "prompts.csv").write_text("id,text\n1,a large red circle on a white background, in the center\n")
+    # VAEs that do not fit: an SD1.5-family one (by its scaling factor) for SDXL, a 16-channel one (SD3/Flux-like)
+    from diffusers import AutoencoderKL
+    vae = load_pipeline("toy:sd15").vae
+    vae.register_to_config(scaling_factor=0.18215)
+    vae.save_pretrained(d / "vae_sd15")
+    wide = AutoencoderKL.from_config({**vae.config, "latent_channels": 16})
+    save_file({k: v.contiguous() for k, v in wide.state_dict().items()}, d / "vae16.safetensors")
     return {"lora": str(lora), "model": str(d / "model.safetensors"), "file": str(d / "a_file"),
             "keep": str(d / "keep.bin"), "prompts": str(d / "prompts.txt"), "imgs": str(d / "imgs"),
             "empty": str(d / "empty"), "recipe": str(d / "recipe.toml"), "fifo": str(d / "fifo"),
@@ -304,7 +326,8 @@ def assets(tmp_path_factory):
             "bomb": str(d / "bombdir" / "bomb.png"), "truncated": str(d / "truncdir" / "truncated.png"),
             "textpng": str(d / "textdir" / "text.png"), "bombdir": str(d / "bombdir"),
             "truncdir": str(d / "truncdir"), "textdir": str(d / "textdir"), "manyprompts": str(d / "many.txt"),
-            "csvprompts": str(d / "prompts.csv"), "assets": str(d)}
+            "csvprompts": str(d / "prompts.csv"), "assets": str(d), "vae_sd15": str(d / "vae_sd15"),
+            "vae16": str(d / "vae16.safetensors")}
 
 
 def _fill(text: str, values: dict) -> str:

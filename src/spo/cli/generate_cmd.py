@@ -19,6 +19,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: %(default)s; the built-in toy models read only their own caption grammar, "
                              "e.g. 'a large red circle on a white background, in the center': see docs/toy-world.md)")
     parser.add_argument("--family", choices=["sd15", "sdxl"], default=None, help="model family when it cannot be detected")
+    add_vae_argument(parser)
     parser.add_argument("--lora", action="append", default=[], metavar="PATH[:STRENGTH]",
                         help="a LoRA file or folder with its strength (default 1; -100..100, negative and above 1 "
                              "allowed); repeatable")
@@ -40,6 +41,13 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--height", type=integer, default=None, help="as --width")
     parser.add_argument("--init-image", type=Path, default=None, help="img2img: start from this image")
     parser.add_argument("--batch", type=integer, default=8, help="images per pipeline call (default: %(default)s)")
+
+
+def add_vae_argument(parser: argparse.ArgumentParser) -> None:
+    """--vae, for every command that decodes latents into images."""
+    parser.add_argument("--vae", type=Path, default=None, metavar="PATH",
+                        help="a VAE in place of the model's own: a diffusers folder or a .safetensors file (e.g. the "
+                             "fp16-safe madebyollin/sdxl-vae-fp16-fix for SDXL); it must be of the model's family")
 
 
 def collect_prompts(args, warn: bool = True) -> list[str]:
@@ -104,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
                         height=args.height, negative_prompt=args.negative_prompt, denoise=args.denoise)
     paths = generate(args.model, prompts, args.out, loras=loras, settings=settings, seed=args.seed,
                      num_images=args.num_images, init_image=args.init_image, family=args.family, batch=args.batch,
-                     max_images=args.max_images)
+                     max_images=args.max_images, vae=args.vae)
     lora_text = ", ".join(f"{s.name}:{s.strength:g}" for s in loras) or "none"
     seeds = f"seed {args.seed}" if len(paths) == 1 else f"seeds {args.seed}..{args.seed + len(paths) - 1}"
     print(f"wrote {len(paths)} image{'s' if len(paths) != 1 else ''} -> {args.out} ({seeds}, "

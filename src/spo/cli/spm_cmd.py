@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from spo.cli.argtypes import finite_float, positive_int, seed
+from spo.cli.generate_cmd import add_vae_argument
 from spo.deprecation import add_cfg_scale
 from spo import sources
 from spo.errors import SpoInputError
@@ -29,6 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                           "stands for its shipped SPM")
     e.add_argument("--data", nargs="+", type=Path, required=True, help="held-out Pick-a-Pic-schema pairs")
     e.add_argument("--base", default=None, help=f"base model (default {sources.DEFAULT_SOURCE}); must be the SPMs' family")
+    add_vae_argument(e)
     e.add_argument("--timesteps", type=_timesteps, default=[0, 251, 501, 701, 951], help="comma-separated timesteps to evaluate at (default: 0,251,501,701,951, the paper's)")
     e.add_argument("--min-judge-gap", type=finite_float, default=None,
                    help="toy data: keep pairs whose toy-judge aesthetic scores differ by at least this")
@@ -54,6 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--base", default=None,
                    help=f"base model: {sources.DEFAULT_SOURCE} (default), another built-in model, a diffusers folder or a "
                         "single-file .safetensors")
+    add_vae_argument(g)
     g.add_argument("--cpu", action="store_true", help="run on CPU even when a GPU is present")
     g.add_argument("--prompts", default=None, metavar="FILE",
                    help="prompts (JSON list, text, CSV/parquet); default for a built-in base model: its held-out prompts")
@@ -144,7 +147,8 @@ def _eval(args) -> int:
     check_output_dir(args.out)  # fail early, but create it only once there is a result to write
     result = evaluate([sources.preference_spec(s) for s in args.spm], args.data, base=args.base, timesteps=args.timesteps, min_judge_gap=args.min_judge_gap,
                       seed=args.seed, batch_size=args.batch_size, cfg_scale=args.cfg, limit=args.limit,
-                      progress=args.progress, against=args.against, same_judge_alignment=args.same_judge_alignment)
+                      progress=args.progress, against=args.against, same_judge_alignment=args.same_judge_alignment,
+                      vae=args.vae)
     return _publish(args.out, "accuracy", result, plot_accuracy, format_table(result))
 
 
@@ -195,7 +199,7 @@ def _siblings(args) -> int:
     import torch
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
-    pipe = load_pipeline(base)
+    pipe = load_pipeline(base, vae=args.vae)
     freeze(pipe)
     pipe.to(device)
     family = family_of(pipe)

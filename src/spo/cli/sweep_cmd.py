@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
               "scheduler": _flat(args.schedulers), "steps": _flat(args.steps_list), "cfg": _flat(args.cfgs)}
     result = sweep(args.model, prompts, args.out, loras=loras, values=values, x=args.x_axis, y=args.y_axis,
                    settings=settings, init_image=args.init_image, lora_index=args.sweep_lora - 1, score=args.score,
-                   family=args.family, max_alignment_drop=args.max_alignment_drop, batch=args.batch)
+                   family=args.family, max_alignment_drop=args.max_alignment_drop, batch=args.batch, vae=args.vae)
     print(f"{len(result['pages'])} grid page(s), {len(result['cells'])} cells -> {args.out / result['pages'][0]['file']}")
     suggestion = result.get("suggestion")
     if suggestion:

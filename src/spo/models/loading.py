@@ -24,19 +24,20 @@ def check_model(source: str | Path) -> Path | None:
 
 
 def load_pipeline(source: str | Path | None = None, family: str | None = None, *, dtype: torch.dtype = torch.float32,
-                  allow_pickle: bool = False, config: str | Path | None = None):
+                  allow_pickle: bool = False, config: str | Path | None = None, vae: str | Path | None = None):
     """A diffusers StableDiffusion(XL)Pipeline with a DDIM scheduler, on CPU, progress bars off.
 
     source: None (the default built-in model of `family`, default sd15), a built-in model's name (spo.sources),
     a diffusers folder, or a single-file checkpoint in the original layout (.safetensors; .ckpt/.pt/.bin only
     with allow_pickle, read with torch.load(weights_only=True)). A single file's family is detected from its
     keys (and checked against `family` when given); `config` overrides the shipped component configs.
+    vae: a VAE (diffusers folder or .safetensors file, spo.models.vae) in place of the model's own; checked to fit.
     """
     from diffusers import DDIMScheduler, DiffusionPipeline
 
     builtin = sources.default(family) if source is None else sources.get(source)
     if builtin is not None:
-        return builtin.load_pipeline().to(dtype=dtype)
+        return _with_vae(builtin.load_pipeline().to(dtype=dtype), vae)
     path = check_model(source)
     if path.is_dir():
         if not (path / "model_index.json").is_file():
@@ -48,4 +49,12 @@ def load_pipeline(source: str | Path | None = None, family: str | None = None, *
         pipe = load_single_file(path, family, dtype=dtype, allow_pickle=allow_pickle, config=config)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
+    return _with_vae(pipe, vae)
+
+
+def _with_vae(pipe, vae: str | Path | None):
+    if vae:
+        from spo.models.vae import use_vae
+
+        use_vae(pipe, vae)
     return pipe

@@ -223,14 +223,14 @@ class Generator:
     """A loaded pipeline (txt2img or img2img) with its LoRAs; strengths and scheduler change per call."""
 
     def __init__(self, model: str = DEFAULT_MODEL, loras: list[LoraSpec] | None = None, *, family: str | None = None,
-                 img2img: bool = False, device: str | None = None):
+                 img2img: bool = False, device: str | None = None, vae: str | os.PathLike | None = None):
         import torch
 
         from spo.models.loading import load_pipeline
 
         self.model = str(model)
         self.loras = list(loras or [])
-        pipe = load_pipeline(model, family)
+        pipe = load_pipeline(model, family, vae=vae)
         if img2img:
             from diffusers import AutoPipelineForImage2Image
 
@@ -440,7 +440,8 @@ def merge_index(path: Path, entries: list[dict], run: dict) -> dict:
 
 def generate(model: str, prompts: list[str], out: str | os.PathLike, *, loras: list[LoraSpec] | None = None,
              settings: Settings | None = None, seed: int = 0, num_images: int = 1, init_image: str | None = None,
-             family: str | None = None, batch: int = 8, log=print, max_images: int | None = None) -> list[Path]:
+             family: str | None = None, batch: int = 8, log=print, max_images: int | None = None,
+             vae: str | os.PathLike | None = None) -> list[Path]:
     """Generate num_images per prompt (image i of the run gets seed + i) into `out`; returns the PNG paths."""
     from tqdm.auto import tqdm
 
@@ -473,7 +474,7 @@ def generate(model: str, prompts: list[str], out: str | os.PathLike, *, loras: l
     out = check_output_dir(out)
     warn_unreadable_prompts(model, prompts)
 
-    gen = Generator(model, loras, family=family, img2img=init is not None)
+    gen = Generator(model, loras, family=family, img2img=init is not None, vae=vae)
     size = gen.size(settings, init)
     jobs = [(p, seed + i) for i, p in enumerate(p for p in prompts for _ in range(num_images))]
     counter = next_counter(out) if out.is_dir() else 0

@@ -160,7 +160,7 @@ def plot_scores(xs, rows: dict[str, tuple[list, list, list]], xlabel: str, targe
 def sweep(model: str, prompts: list[str], out, *, loras=None, values: dict[str, list] | None = None,
           x: str = "strength", y: str = "seed", settings=None, init_image=None, lora_index: int = 0,
           score: str | None = None, family: str | None = None,
-          max_alignment_drop: float = DEFAULT_MAX_ALIGNMENT_DROP, batch: int = 8, log=print) -> dict:
+          max_alignment_drop: float = DEFAULT_MAX_ALIGNMENT_DROP, batch: int = 8, log=print, vae=None) -> dict:
     """Generate, draw and score the grids; returns the sweep.json content.
 
     score: "judge", an SPM / CLIP folder or "module:function"; None: the model source's reference scorers
@@ -186,7 +186,7 @@ def sweep(model: str, prompts: list[str], out, *, loras=None, values: dict[str, 
         log("added strength 0: the suggestion compares every strength with the LoRA off on the same seeds")
     out = check_output_dir(out)
 
-    gen = g.Generator(model, loras, family=family, img2img=init is not None)
+    gen = g.Generator(model, loras, family=family, img2img=init is not None, vae=vae)
     size = gen.size(settings, init)
     fixed = {a: values[a][0] for a in AXES if a not in (x, y) and a in values and len(values[a]) == 1}
     # Each distinct generation setting makes all its (prompt, seed) images in one fixed order and batching.

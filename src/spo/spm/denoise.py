@@ -14,6 +14,8 @@ import torch
 from spo.ddim import add_noise, x0_from_output
 from spo.ddim import cfg as apply_cfg
 from spo.models.family import encode
+from spo.models.vae import decode as vae_decode
+from spo.models.vae import encode as vae_encode
 
 
 
@@ -25,20 +27,6 @@ def freeze(pipe) -> None:
         if module is not None:
             module.eval()
             module.requires_grad_(False)
-
-
-@torch.no_grad()
-def vae_encode(pipe, images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    vae = pipe.vae
-    dist = vae.encode(images.to(vae.device, vae.dtype)).latent_dist
-    return dist.sample(generator=generator) * vae.config.scaling_factor
-
-
-@torch.no_grad()
-def vae_decode(vae, latents: torch.Tensor) -> torch.Tensor:
-    """Scaled latents -> images in [-1, 1] (float32)."""
-    out = vae.decode(latents.to(vae.device, vae.dtype) / vae.config.scaling_factor).sample
-    return out.float().clamp(-1, 1)
 
 
 @torch.no_grad()
@@ -63,7 +51,7 @@ def predicted_pair_images(pipe, images_0: torch.Tensor, images_1: torch.Tensor, 
     device = pipe.unet.device
     t = t.to(device)
     both = torch.cat([images_0, images_1]).to(device)
-    latents = vae_encode(pipe, both, generator).float()
+    latents = vae_encode(pipe.vae, both, generator).float()
     n = images_0.shape[0]
     noise = torch.randn(latents[:n].shape, generator=generator, device=device, dtype=latents.dtype)
     a = pipe.scheduler.alphas_cumprod.to(device)[t].float().view(-1, 1, 1, 1)

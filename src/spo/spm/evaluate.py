@@ -76,7 +76,8 @@ def judge_alignment_pairs(pairs, judge) -> np.ndarray:
 def evaluate(spm_paths: Sequence[str | Path], data: Sequence[str | Path], *, base: str | None = None,
              timesteps: Sequence[int] = DEFAULT_TIMESTEPS, min_judge_gap: float | None = None, seed: int = 0,
              batch_size: int = 16, cfg_scale: float = 5.0, limit: int | None = None, device: str | None = None,
-             progress: bool = True, against: str = "labels", same_judge_alignment: bool = False) -> dict:
+             progress: bool = True, against: str = "labels", same_judge_alignment: bool = False,
+             vae: str | Path | None = None) -> dict:
     """Accuracy of each SPM at each timestep.
 
     `against="labels"` scores agreement with the pairs' human (or simulated-rater) labels, ties excluded.
@@ -102,7 +103,7 @@ def evaluate(spm_paths: Sequence[str | Path], data: Sequence[str | Path], *, bas
         raise SpoInputError(f"{base}: no judge for this base model (--against judge, --min-judge-gap and "
                             "--same-judge-alignment need a built-in model with one)")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    pipe = load_pipeline(base)
+    pipe = load_pipeline(base, vae=vae)
     freeze(pipe)
     pipe.to(dev)
     family = family_of(pipe)

@@ -116,7 +116,7 @@ def score_latents(spm: Scorer, vae, latents: torch.Tensor, prompts: Sequence[str
     prompts and timesteps are per latent (B*k each; a single timestep is broadcast). Decoding and
     scoring go chunk by chunk so k candidates of a large batch fit in memory. Returns float32 [B*k] on CPU.
     """
-    from spo.spm.denoise import vae_decode
+    from spo.models.vae import decode as vae_decode
 
     n = latents.shape[0]
     if len(prompts) != n:

@@ -61,7 +61,7 @@ def sibling_agreement(pipe, scorers: Mapping[str, Scorer], references: Mapping[s
     from spo.models.family import encode, guided_eps
     from spo.ddim import ddim_step
     from spo.sampling.resampler import sample_plain, schedule
-    from spo.spm.denoise import vae_decode
+    from spo.models.vae import decode as vae_decode
     from spo.spm.scoring import score_images
 
     steps = sorted(set(int(s) for s in steps))

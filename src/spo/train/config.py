@@ -69,6 +69,8 @@ class RunConfig:
     report_to: str = opt("tensorboard", "training curves: tensorboard, wandb or none")
     cpu: bool = opt(False, "train on the CPU even when a GPU is present")
     progress: bool = opt(True, "show a progress bar")
+    vae: str = opt("", "a VAE in place of the base model's own: a diffusers folder or a .safetensors file (the sdxl "
+                       "recipe: the fp16-safe madebyollin/sdxl-vae-fp16-fix)")
 
 
 @dataclass
@@ -243,6 +245,7 @@ def _checks(cfg: RunConfig) -> list[tuple[bool, str, str]]:
         (cfg.report_to in ("tensorboard", "wandb", "none"), "report_to", "must be tensorboard, wandb or none"),
         (bool(cfg.output_dir.strip()), "output_dir", "must not be empty"),
         (0 <= cfg.seed < 2**32, "seed", "must be in [0, 2**32)"),
+        (not cfg.vae or Path(cfg.vae).exists(), "vae", "names no such file or folder"),
     ]
     if isinstance(cfg, FinetuneConfig):
         rules += [(getattr(cfg, k) > 0, k, "must be positive") for k in

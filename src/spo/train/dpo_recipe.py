@@ -91,7 +91,7 @@ def prepare_batch(pipe, items: list[tuple[str, bytes, bytes]], generators: list[
     from PIL import Image
 
     from spo.models.family import native_resolution
-    from spo.spm.denoise import vae_encode
+    from spo.models.vae import encode as vae_encode
     from spo.images import images_to_tensor
 
     side = native_resolution(pipe)
@@ -104,7 +104,7 @@ def prepare_batch(pipe, items: list[tuple[str, bytes, bytes]], generators: list[
                                   + [Image.open(io.BytesIO(b)).convert("RGB") for _, _, b in part], side)
         with autocast():
             # a list of generators draws one sample per image in order: each pair's generator serves w, then l
-            lat = vae_encode(pipe, images, gens + gens).float()
+            lat = vae_encode(pipe.vae, images, gens + gens).float()
         latents_w.append(lat[: len(part)])
         latents_l.append(lat[len(part):])
     x_w, x_l = torch.cat(latents_w), torch.cat(latents_l)
@@ -217,7 +217,7 @@ def train_dpo(cfg: DPOConfig, log=print) -> dict:
     with run:
         items = load_pairs(cfg.data, cfg.max_pairs, log) if cfg.data else None  # before the model: fails in a second
         set_seed(cfg.seed)
-        pipe = load_pipeline(cfg.base)
+        pipe = load_pipeline(cfg.base, vae=cfg.vae)
         family = family_of(pipe)
         if pipe.scheduler.config.prediction_type != "epsilon":
             raise SpoInputError(f"{cfg.base}: Diffusion-DPO here needs an epsilon-prediction model, "

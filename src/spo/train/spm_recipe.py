@@ -166,8 +166,8 @@ def train(cfg: SPMConfig) -> dict:
     run = open_run(cfg, "spm")
     with run:
         pairs, summary = load_data(cfg)  # before the model: bad data fails in a second and leaves no folder
+        pipe = load_pipeline(cfg.base, vae=cfg.vae)  # before the folder: a VAE that does not fit leaves none behind
         run.create_output_dir()
-        pipe = load_pipeline(cfg.base)
         freeze(pipe)
         pipe.to(run.device)
         family, side = family_of(pipe), native_resolution(pipe)

@@ -103,10 +103,12 @@ def load_preference(spec: str, base: str, family: str):
 
 def make_judge(scorer, pipe, prompts: list[str]):
     """judge_fn for the resampler: decode predicted clean latents with the VAE, score at the timestep."""
+    from spo.models.vae import decode
+
     vae = pipe.vae
 
     def judge(x0: torch.Tensor, rows: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        images = vae.decode(x0.to(vae.dtype) / vae.config.scaling_factor).sample.clamp(-1, 1).float()
+        images = decode(vae, x0)  # in fp32 where fp16 would overflow (the original SDXL VAE)
         return torch.as_tensor(scorer(images, [prompts[r] for r in rows.tolist()], t)).float().to(x0.device)
 
     return judge
@@ -285,7 +287,7 @@ def train(cfg: SPOConfig, scorer=None, log=print) -> dict:
     with run:
         set_seed(cfg.seed)
         prompts = load_training_prompts(cfg)  # before the model: a missing prompts file fails in a second
-        pipe = load_pipeline(cfg.base)
+        pipe = load_pipeline(cfg.base, vae=cfg.vae)
         family = family_of(pipe)
         if scorer is None:
             scorer = load_preference(cfg.preference, cfg.base, family)
