@@ -120,7 +120,7 @@ def test_spm_preset_print_config_shows_the_official_recipe(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- flip
 def test_flip_draws_are_seeded_and_per_image():
-    from spo.train.dpo_recipe import flip_draws, flip_images
+    from spo.images import flip_draws, flip_images
 
     positions = list(range(64))
     a = flip_draws(item_generators(7, 2, positions))
@@ -155,7 +155,8 @@ def _mirror(jpeg: bytes) -> bytes:
 def test_prepare_batch_flips_the_drawn_images_deterministically():
     from spo.models.family import native_resolution
     from spo.models.loading import load_pipeline
-    from spo.train.dpo_recipe import flip_draws, prepare_batch
+    from spo.images import flip_draws
+    from spo.train.dpo_recipe import prepare_batch
 
     pipe = load_pipeline("toy:sd15")
     side = native_resolution(pipe)  # no resize, so flipping before or after decoding gives the same pixels

@@ -82,22 +82,6 @@ class DPOBatch:
         return DPOBatch(self.latents_w[s], self.latents_l[s], self.noise[s], self.timesteps[s], self.cond.index(s))
 
 
-def flip_draws(generators: list[torch.Generator]) -> torch.Tensor:
-    """[2n] bools, winners' then losers': mirror this image? Two coins per pair from its generator.
-
-    Each image its own coin, as the official script's torchvision RandomHorizontalFlip applied per image; drawn
-    here from the pair's generator (not the global RNG) so a run is the same for any micro-batch, resume or
-    process count.
-    """
-    coins = torch.stack([torch.rand(2, generator=g) < 0.5 for g in generators])
-    return torch.cat([coins[:, 0], coins[:, 1]])
-
-
-def flip_images(images: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
-    """Mirror left-right the images [B, C, H, W] where `flip` [B] is true."""
-    return torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
-
-
 @torch.no_grad()
 def prepare_batch(pipe, items: list[tuple[str, bytes, bytes]], generators: list[torch.Generator], cfg: DPOConfig,
                   autocast=contextlib.nullcontext) -> DPOBatch:
@@ -108,7 +92,7 @@ def prepare_batch(pipe, items: list[tuple[str, bytes, bytes]], generators: list[
 
     from spo.models.family import native_resolution
     from spo.spm.denoise import vae_encode
-    from spo.images import images_to_tensor
+    from spo.images import flip_draws, flip_images, images_to_tensor
 
     side = native_resolution(pipe)
     device = pipe.unet.device
