@@ -324,8 +324,9 @@ def for_processes(cfg: RunConfig, processes: int) -> RunConfig:
 def describe_batch(cfg: RunConfig, processes: int) -> str:
     """One line: the pairs per optimizer step and the lr a resolved config trains with."""
     per_step = cfg.train_batch_size * cfg.gradient_accumulation_steps * processes
-    return (f"{per_step} pairs per optimizer step ({cfg.train_batch_size} x {cfg.gradient_accumulation_steps} "
-            f"accumulation x {processes} processes), lr {cfg.learning_rate:g} ({cfg.optimizer})")
+    return (f"optimizer steps of {per_step} pairs ({cfg.train_batch_size} per batch x "
+            f"{cfg.gradient_accumulation_steps} accumulated x {processes} processes), "
+            f"{cfg.optimizer} at lr {cfg.learning_rate:g}")
 
 
 # ---------------------------------------------------------------------------------------------- TOML

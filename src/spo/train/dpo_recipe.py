@@ -243,6 +243,6 @@ def train_dpo(cfg: DPOConfig, log=print) -> dict:
         log(f"Diffusion-DPO on {len(items)} pairs: {method.batches_per_epoch()} batches of "
             f"{cfg.train_batch_size * method.world} per epoch, {cfg.epochs} epochs, beta {cfg.dpo_beta:g}, "
             f"lr {cfg.learning_rate:g}, {'full fine-tuning' if cfg.full_finetune else 'LoRA'}")
-        log(f"optimizer steps of {describe_batch(cfg, method.world)}")
+        log(describe_batch(cfg, method.world))
         fit(run, method)
         return method.finish(run)

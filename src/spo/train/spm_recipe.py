@@ -169,7 +169,7 @@ def train(cfg: SPMConfig) -> dict:
     run = open_run(cfg, "spm")
     with run:
         cfg = run.cfg = for_processes(cfg, run.accelerator.num_processes)  # before anything reads the batch or lr
-        print(f"optimizer steps of {describe_batch(cfg, run.accelerator.num_processes)}")
+        print(describe_batch(cfg, run.accelerator.num_processes))
         pairs, summary = load_data(cfg)  # before the model: bad data fails in a second and leaves no folder
         run.create_output_dir()
         pipe = load_pipeline(cfg.base)
