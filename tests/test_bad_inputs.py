@@ -60,6 +60,15 @@ CASES = [
     ("spm-train-seed-past-32-bits", ["spm", "train", "{prompts}", "--seed", "4294967296", "--out", "{t}/o"], ["seed"],
      ["{t}/o"]),
     ("dpo-negative-seed", ["dpo", "--seed", "-5", "--out", "{t}/o"], ["seed", "-5"], ["{t}/o"]),
+    # ---- the paper presets' settings (issue 19)
+    ("spm-train-global-batch-not-divisible", ["spm", "train", "{prompts}", "--global-batch-size", "60",
+                                              "--train-batch-size", "16", "--out", "{t}/o"],
+     ["global_batch_size", "multiple"], ["{t}/o"]),
+    ("dpo-unknown-optimizer", ["dpo", "--optimizer", "sgd", "--out", "{t}/o"], ["optimizer", "sgd"], ["{t}/o"]),
+    ("spm-train-unknown-schedule", ["spm", "train", "{prompts}", "--lr-schedule", "step", "--out", "{t}/o"],
+     ["lr_schedule", "step"], ["{t}/o"]),
+    ("spm-sdxl-preset-without-relabel", ["spm", "train", "{prompts}", "--preset", "spm-sdxl", "--out", "{t}/o"],
+     ["--relabel-with"], ["{t}/o"]),
     ("train-eval-images-zero", ["train", "--eval-images", "0", "--output-dir", "{t}/o"], ["eval-images"], ["{t}/o"]),
     # ---- export
     ("export-missing-lora", ["export", "{t}/nope.safetensors", "--out", "{t}/o"], ["nope.safetensors"], ["{t}/o"]),

@@ -169,9 +169,11 @@ def test_training_moves_the_lora_and_resumes_mid_epoch_exactly(tmp_path, monkeyp
 
 def test_dpo_config():
     cfg = build_config("dpo-sd15", cls=DPOConfig)
-    assert (cfg.dpo_beta, cfg.learning_rate, cfg.full_finetune) == (2000.0, 2.048e-5, True)
-    assert cfg.train_batch_size * cfg.gradient_accumulation_steps == 2048
-    assert build_config("dpo-sdxl", cls=DPOConfig).dpo_beta == 5000.0
+    # the official launchers: beta 5000, lr 1e-8 per pair scaled by the 2048 pairs of an optimizer step
+    assert (cfg.dpo_beta, cfg.learning_rate, cfg.scale_lr, cfg.full_finetune) == (5000.0, 1e-8, True, True)
+    assert (cfg.global_batch_size, cfg.hflip, cfg.optimizer, cfg.lr_warmup_steps) == (2048, True, "adamw", 500)
+    xl = build_config("dpo-sdxl", cls=DPOConfig)
+    assert (xl.dpo_beta, xl.optimizer, xl.lr_warmup_steps, xl.hflip) == (5000.0, "adafactor", 200, True)
     assert "k" not in to_dict(cfg) and "dpo_beta" in to_dict(cfg)
     with pytest.raises(SpoInputError, match="unknown key 'threshold'"):  # SPO-only settings do not apply
         build_config(overrides={"threshold": 0.3}, cls=DPOConfig)

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from spo.data.pickapic import write_pairs
+from spo.errors import SpoInputError
 from spo.spm.model import StepAwarePreferenceModel
 from spo.train.checkpoint import complete_checkpoints
 from spo.train.config import SPMConfig, build_config
@@ -97,6 +98,20 @@ def test_same_seed_same_result_other_seed_differs(pairs_file, tmp_path):
     a, b, c = (_weights(tmp_path / x) for x in "abc")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_global_batch_is_the_accumulation_it_implies(pairs_file, tmp_path):
+    kw = dict(steps=2, checkpoint_every=0, lr_warmup_steps=1, lr_schedule="linear")
+    explicit = train(_cfg(pairs_file, tmp_path / "a", grad_accum=2, **kw))
+    derived = train(_cfg(pairs_file, tmp_path / "b", global_batch_size=4, **kw))  # 4 pairs = 2 x 2 batches, 1 process
+    a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # the run records the settings it trained with: the derived accumulation, the global batch resolved
+    assert derived["config"] == explicit["config"] | {"output_dir": str(tmp_path / "b")}
+    assert derived["config"]["gradient_accumulation_steps"] == 2 and derived["config"]["global_batch_size"] == 0
+    with pytest.raises(SpoInputError, match="relabel-with"):
+        train(_cfg(pairs_file, tmp_path / "c", relabel_required=True, **kw))
+    assert not (tmp_path / "c").exists()
 
 
 def test_resume_refuses_changed_settings(pairs_file, tmp_path):

@@ -39,3 +39,19 @@ def pair_tensors(pairs, indices, side: int) -> tuple[torch.Tensor, torch.Tensor,
     decoded = [pairs[i].decode() for i in indices]
     return (images_to_tensor([d[0] for d in decoded], side), images_to_tensor([d[1] for d in decoded], side),
             [pairs[i].caption for i in indices])
+
+
+def flip_draws(generators: list[torch.Generator]) -> torch.Tensor:
+    """[2n] bools, winners' then losers': mirror this image? Two coins per pair from its generator.
+
+    Each image its own coin, as Diffusion-DPO's official script (torchvision's RandomHorizontalFlip on each
+    image); drawn from the pair's generator, not the global RNG as torchvision does, so a run is the same for
+    any micro-batch, resume or process count.
+    """
+    coins = torch.stack([torch.rand(2, generator=g) < 0.5 for g in generators])
+    return torch.cat([coins[:, 0], coins[:, 1]])
+
+
+def flip_images(images: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """Mirror left-right the images [B, C, H, W] where `flip` [B] is true."""
+    return torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)

@@ -26,7 +26,8 @@ from spo.errors import SpoInputError
 from spo.sources import DEFAULT_SOURCE
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
-LR_SCHEDULES = ("constant", "cosine")
+LR_SCHEDULES = ("constant", "cosine", "linear")
+OPTIMIZERS = ("adamw", "adafactor")
 PRESET_DIR = Path(__file__).resolve().parent.parent / "assets" / "configs" / "presets"
 
 
@@ -59,7 +60,7 @@ class RunConfig:
     adam_eps: float = opt(1e-8, "AdamW epsilon")
     max_grad_norm: float = opt(1.0, "clip the gradient norm to this (0: no clipping)")
     lr_warmup_steps: int = opt(0, "linear learning-rate warm-up, in optimizer steps")
-    lr_schedule: str = opt("constant", "after warm-up: constant, or cosine decay to 0 at the last step")
+    lr_schedule: str = opt("constant", "after warm-up: constant, or cosine or linear decay to 0 at the last step")
     gradient_accumulation_steps: int = opt(1, "train batches per optimizer step")
     mixed_precision: str = opt("no", "no, fp16 (GPU) or bf16")
     gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass (saves memory)")
@@ -71,6 +72,8 @@ class RunConfig:
     progress: bool = opt(True, "show a progress bar")
     vae: str = opt("", "a VAE in place of the base model's own: a diffusers folder or a .safetensors file (the sdxl "
                        "recipe: the fp16-safe madebyollin/sdxl-vae-fp16-fix)")
+    optimizer: str = opt("adamw", "adamw, or adafactor (transformers' Adafactor at the given lr, no parameter scaling: "
+                                  "Diffusion-DPO's SDXL optimizer; ignores the adam_* settings)")
 
 
 @dataclass
@@ -124,6 +127,10 @@ class PairsConfig:
     data: list[str] = opt([], "Pick-a-Pic-schema pairs: parquet files, folders of them, datasets save_to_disk folders "
                               "(spo dpo on a built-in base: default pairs made from its samples)")
     train_batch_size: int = opt(16, "pairs per batch per process")
+    global_batch_size: int = opt(0, "pairs per optimizer step over all processes: sets gradient_accumulation_steps to "
+                                    "it / (train_batch_size x processes) (0: off, the accumulation as given)")
+    scale_lr: bool = opt(False, "learning_rate is per pair: the run's lr is it x the pairs per optimizer step "
+                                "(train_batch_size x accumulation x processes), as Diffusion-DPO's --scale_lr")
 
 
 @dataclass
@@ -136,6 +143,8 @@ class DPOConfig(FinetuneConfig, PairsConfig):
     dpo_beta: float = opt(5000.0, "beta of the Diffusion-DPO loss")
     max_pairs: int = opt(0, "use the first this many non-tie pairs (0: all)")
     caption_dropout: float = opt(0.0, "probability of training a pair on the empty caption")
+    hflip: bool = opt(False, "mirror each training image left-right with probability 1/2, each image its own seeded "
+                             "draw (official Diffusion-DPO default: on)")
 
 
 @dataclass
@@ -160,6 +169,8 @@ class SPMConfig(RunConfig, PairsConfig):
                                 "recipe), an SPM folder at t = 0, or module:function")
     relabel_threshold: float = opt(0.1, "tie unless the softmax gap of the clean scores exceeds this (SDXL: 0.1)")
     log_every: int = opt(10, "optimizer steps between logged training curves")
+    relabel_required: bool = opt(False, "the recipe relabels its pairs (SDXL: PickScore at gap 0.1): refuse to start "
+                                        "without --relabel-with")
 
 
 CONFIGS: dict[str, type] = {"spo": SPOConfig, "dpo": DPOConfig, "spm": SPMConfig}
@@ -239,6 +250,8 @@ def _checks(cfg: RunConfig) -> list[tuple[bool, str, str]]:
         (cfg.max_grad_norm >= 0, "max_grad_norm", "must be >= 0 (0: no clipping)"),
         (cfg.lr_warmup_steps >= 0, "lr_warmup_steps", "must be >= 0"),
         (cfg.lr_schedule in LR_SCHEDULES, "lr_schedule", f"must be one of {', '.join(LR_SCHEDULES)}"),
+        (cfg.optimizer in OPTIMIZERS, "optimizer", f"must be one of {', '.join(OPTIMIZERS)}"),
+        (not (cfg.use_8bit_adam and cfg.optimizer != "adamw"), "optimizer", "must be adamw with use_8bit_adam"),
         (cfg.gradient_accumulation_steps > 0, "gradient_accumulation_steps", "must be positive"),
         (cfg.keep_checkpoints > 0, "keep_checkpoints", "must be positive"),
         (cfg.mixed_precision in MIXED_PRECISION, "mixed_precision", f"must be one of {', '.join(MIXED_PRECISION)}"),
@@ -272,6 +285,11 @@ def _checks(cfg: RunConfig) -> list[tuple[bool, str, str]]:
                   (0 <= cfg.caption_dropout < 1, "caption_dropout", "must be in [0, 1)")]
     if isinstance(cfg, PairsConfig):
         rules.append((cfg.train_batch_size > 0, "train_batch_size", "must be positive"))
+        rules += [(cfg.global_batch_size >= 0, "global_batch_size", "must be >= 0 (0: off)"),
+                  (cfg.global_batch_size % max(cfg.train_batch_size, 1) == 0, "global_batch_size",
+                   f"must be a multiple of train_batch_size {cfg.train_batch_size}"),
+                  (not cfg.global_batch_size or cfg.gradient_accumulation_steps == 1, "gradient_accumulation_steps",
+                   "must be 1 when global_batch_size sets it")]
     if isinstance(cfg, SPMConfig):
         rules += [(getattr(cfg, k) > 0, k, "must be positive") for k in ("max_train_steps", "log_every")]
         rules += [(1 <= cfg.max_t <= NUM_TRAIN_TIMESTEPS, "max_t", f"must be in [1, {NUM_TRAIN_TIMESTEPS}]"),
@@ -287,6 +305,35 @@ def validate(cfg: RunConfig) -> RunConfig:
         if not ok:
             raise SpoInputError(f"config: {key} {what}, got {getattr(cfg, key)!r}")
     return cfg
+
+
+def for_processes(cfg: RunConfig, processes: int) -> RunConfig:
+    """The settings a run on `processes` processes trains with: global_batch_size -> gradient_accumulation_steps,
+    a per-pair learning_rate (scale_lr) -> the lr of the optimizer step (per pair x pairs per step).
+
+    Both switches come back off, so the result prints, fingerprints and reads back as the run it is; a config
+    without them is returned unchanged.
+    """
+    if not isinstance(cfg, PairsConfig) or not (cfg.global_batch_size or cfg.scale_lr):
+        return cfg
+    accumulation = cfg.gradient_accumulation_steps
+    if cfg.global_batch_size:
+        per_batch = cfg.train_batch_size * processes
+        if cfg.global_batch_size % per_batch:
+            raise SpoInputError(f"config: global_batch_size {cfg.global_batch_size} is not a multiple of "
+                                f"train_batch_size {cfg.train_batch_size} x {processes} processes")
+        accumulation = cfg.global_batch_size // per_batch
+    lr = cfg.learning_rate * cfg.train_batch_size * accumulation * processes if cfg.scale_lr else cfg.learning_rate
+    return dataclasses.replace(cfg, gradient_accumulation_steps=accumulation, learning_rate=lr, global_batch_size=0,
+                               scale_lr=False)
+
+
+def describe_batch(cfg: RunConfig, processes: int) -> str:
+    """One line: the pairs per optimizer step and the lr a resolved config trains with."""
+    per_step = cfg.train_batch_size * cfg.gradient_accumulation_steps * processes
+    return (f"optimizer steps of {per_step} pairs ({cfg.train_batch_size} per batch x "
+            f"{cfg.gradient_accumulation_steps} accumulated x {processes} processes), "
+            f"{cfg.optimizer} at lr {cfg.learning_rate:g}")
 
 
 # ---------------------------------------------------------------------------------------------- TOML

@@ -25,7 +25,7 @@ from spo.ddim import add_noise
 from spo.errors import SpoInputError
 from spo.losses import diffusion_dpo_loss
 from spo.models.family import Conditioning, encode, family_of
-from spo.train.config import DPOConfig
+from spo.train.config import DPOConfig, describe_batch, for_processes
 from spo.train.engine import Run, fit, open_run
 from spo.train.finetune import FinetuneMethod, item_generators, setup_unet, validation_prompts
 
@@ -92,7 +92,7 @@ def prepare_batch(pipe, items: list[tuple[str, bytes, bytes]], generators: list[
 
     from spo.models.family import native_resolution
     from spo.models.vae import encode as vae_encode
-    from spo.images import images_to_tensor
+    from spo.images import flip_draws, flip_images, images_to_tensor
 
     side = native_resolution(pipe)
     device = pipe.unet.device
@@ -102,6 +102,8 @@ def prepare_batch(pipe, items: list[tuple[str, bytes, bytes]], generators: list[
         part, gens = items[s: s + micro], generators[s: s + micro]
         images = images_to_tensor([Image.open(io.BytesIO(b)).convert("RGB") for _, b, _ in part]
                                   + [Image.open(io.BytesIO(b)).convert("RGB") for _, _, b in part], side)
+        if cfg.hflip:  # drawn first, and only when on: without it every other draw is as before
+            images = flip_images(images, flip_draws(gens))
         with autocast():
             # a list of generators draws one sample per image in order: each pair's generator serves w, then l
             lat = vae_encode(pipe.vae, images, gens + gens).float()
@@ -215,6 +217,7 @@ def train_dpo(cfg: DPOConfig, log=print) -> dict:
                             "jpg_1, label_0, label_1)")
     run = open_run(cfg, "dpo", log)
     with run:
+        cfg = run.cfg = for_processes(cfg, run.accelerator.num_processes)  # before anything reads the batch or lr
         items = load_pairs(cfg.data, cfg.max_pairs, log) if cfg.data else None  # before the model: fails in a second
         set_seed(cfg.seed)
         pipe = load_pipeline(cfg.base, vae=cfg.vae)
@@ -240,5 +243,6 @@ def train_dpo(cfg: DPOConfig, log=print) -> dict:
         log(f"Diffusion-DPO on {len(items)} pairs: {method.batches_per_epoch()} batches of "
             f"{cfg.train_batch_size * method.world} per epoch, {cfg.epochs} epochs, beta {cfg.dpo_beta:g}, "
             f"lr {cfg.learning_rate:g}, {'full fine-tuning' if cfg.full_finetune else 'LoRA'}")
+        log(describe_batch(cfg, method.world))
         fit(run, method)
         return method.finish(run)

@@ -85,15 +85,17 @@ class Method:
 
 
 def learning_rate_factor(step: int, warmup: int, total: int = 0, schedule: str = "constant") -> float:
-    """Linear warm-up to the full learning rate over `warmup` optimizer steps, then constant or cosine decay to 0.
+    """Linear warm-up to the full learning rate over `warmup` optimizer steps, then constant, or cosine or linear
+    decay to 0 at the last step (`total`).
 
     Written here rather than taken from diffusers.optimization: its warm-up starts at 0 (a wasted first step)
-    and the shipped toy SPMs were trained with this one.
+    and the shipped toy SPMs were trained with this one; the decays count steps the same way.
     """
     if warmup > 0 and step + 1 < warmup:
         return (step + 1) / warmup
-    if schedule == "cosine" and total > warmup:
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step + 1 - warmup) / (total - warmup))))
+    if schedule in ("cosine", "linear") and total > warmup:
+        progress = min(1.0, (step + 1 - warmup) / (total - warmup))
+        return 0.5 * (1.0 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
     return 1.0
 
 
@@ -277,6 +279,12 @@ def lock_folder(folder: Path) -> int:
 
 
 def make_optimizer(cfg: RunConfig, params):
+    if cfg.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        # Diffusion-DPO's SDXL settings: the lr (and our warm-up) as given, not Adafactor's own relative steps
+        return Adafactor(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, clip_threshold=1.0,
+                         scale_parameter=False, relative_step=False, warmup_init=False)
     kwargs = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
                   weight_decay=cfg.weight_decay)
     if cfg.use_8bit_adam:

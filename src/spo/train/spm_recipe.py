@@ -21,7 +21,7 @@ import torch
 from spo.images import pair_tensors
 from spo.errors import SpoInputError
 from spo.losses import preference_loss
-from spo.train.config import SPMConfig
+from spo.train.config import SPMConfig, describe_batch, for_processes
 from spo.train.engine import Method, Run, fit, open_run
 
 SPM_DIR = "spm"
@@ -163,8 +163,13 @@ def train(cfg: SPMConfig) -> dict:
     from spo.models.loading import load_pipeline
     from spo.spm.denoise import freeze
 
+    if cfg.relabel_required and not cfg.relabel_with:
+        raise SpoInputError("this recipe relabels its pairs with PickScore: pass --relabel-with PICKSCORE_FOLDER "
+                            "(a CLIP folder such as PickScore_v1), or --relabel-required false to keep their labels")
     run = open_run(cfg, "spm")
     with run:
+        cfg = run.cfg = for_processes(cfg, run.accelerator.num_processes)  # before anything reads the batch or lr
+        print(describe_batch(cfg, run.accelerator.num_processes))
         pairs, summary = load_data(cfg)  # before the model: bad data fails in a second and leaves no folder
         pipe = load_pipeline(cfg.base, vae=cfg.vae)  # before the folder: a VAE that does not fit leaves none behind
         run.create_output_dir()
