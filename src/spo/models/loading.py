@@ -24,19 +24,27 @@ def check_model(source: str | Path) -> Path | None:
 
 
 def load_pipeline(source: str | Path | None = None, family: str | None = None, *, dtype: torch.dtype = torch.float32,
-                  allow_pickle: bool = False, config: str | Path | None = None):
+                  allow_pickle: bool = False, config: str | Path | None = None, prediction_type: str = "auto"):
     """A diffusers StableDiffusion(XL)Pipeline with a DDIM scheduler, on CPU, progress bars off.
 
     source: None (the default built-in model of `family`, default sd15), a built-in model's name (spo.sources),
     a diffusers folder, or a single-file checkpoint in the original layout (.safetensors; .ckpt/.pt/.bin only
     with allow_pickle, read with torch.load(weights_only=True)). A single file's family is detected from its
     keys (and checked against `family` when given); `config` overrides the shipped component configs.
+    prediction_type: "auto" (the scheduler config's, or a single file's `v_pred` marker), or "epsilon" /
+    "v_prediction" to override it (spo.models.prediction); an unsupported type is refused.
     """
-    from diffusers import DDIMScheduler, DiffusionPipeline
+    from diffusers import DiffusionPipeline
 
+    from spo.models.prediction import check_prediction_choice, resolve_scheduler
+
+    check_prediction_choice(prediction_type)
     builtin = sources.default(family) if source is None else sources.get(source)
     if builtin is not None:
-        return builtin.load_pipeline().to(dtype=dtype)
+        pipe = builtin.load_pipeline().to(dtype=dtype)
+        if prediction_type != "auto":
+            pipe.scheduler = resolve_scheduler(pipe.scheduler, prediction_type, str(source))
+        return pipe
     path = check_model(source)
     if path.is_dir():
         if not (path / "model_index.json").is_file():
@@ -46,6 +54,6 @@ def load_pipeline(source: str | Path | None = None, family: str | None = None, *
         from spo.models.checkpoint import load_single_file
 
         pipe = load_single_file(path, family, dtype=dtype, allow_pickle=allow_pickle, config=config)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler = resolve_scheduler(pipe.scheduler, prediction_type, str(source))
     pipe.set_progress_bar_config(disable=True)
     return pipe

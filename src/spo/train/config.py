@@ -23,10 +23,13 @@ from typing import ClassVar
 from spo.ddim import NUM_TRAIN_TIMESTEPS
 from spo.deprecation import DeprecatedFlag
 from spo.errors import SpoInputError
+from spo.models.prediction import PREDICTION_CHOICES
 from spo.sources import DEFAULT_SOURCE
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 LR_SCHEDULES = ("constant", "cosine")
+GUIDANCE_RESCALE_HELP = ("rescaled CFG phi in [0, 1] (Lin et al. 2023; 0: plain CFG); -1: auto, 0.7 for a "
+                         "zero-terminal-SNR checkpoint, else 0")
 PRESET_DIR = Path(__file__).resolve().parent.parent / "assets" / "configs" / "presets"
 
 
@@ -69,6 +72,8 @@ class RunConfig:
     report_to: str = opt("tensorboard", "training curves: tensorboard, wandb or none")
     cpu: bool = opt(False, "train on the CPU even when a GPU is present")
     progress: bool = opt(True, "show a progress bar")
+    prediction_type: str = opt("auto", "what the base UNet predicts: auto (its scheduler config, or a single file's "
+                                       "v_pred key), epsilon or v_prediction")
 
 
 @dataclass
@@ -110,6 +115,7 @@ class SPOConfig(FinetuneConfig):
     beta: float = opt(10.0, "beta of the SPO loss")
     clip_eps: float = opt(0.1, "ratio clipping band of the SPO loss: p_theta / p_ref is clamped to "
                                "[1 - clip_eps, 1 + clip_eps] (paper: 0.1)")
+    guidance_rescale: float = opt(-1.0, GUIDANCE_RESCALE_HELP)
 
 
 @dataclass
@@ -155,6 +161,7 @@ class SPMConfig(RunConfig, PairsConfig):
                                 "recipe), an SPM folder at t = 0, or module:function")
     relabel_threshold: float = opt(0.1, "tie unless the softmax gap of the clean scores exceeds this (SDXL: 0.1)")
     log_every: int = opt(10, "optimizer steps between logged training curves")
+    guidance_rescale: float = opt(-1.0, GUIDANCE_RESCALE_HELP)
 
 
 CONFIGS: dict[str, type] = {"spo": SPOConfig, "dpo": DPOConfig, "spm": SPMConfig}
@@ -240,7 +247,11 @@ def _checks(cfg: RunConfig) -> list[tuple[bool, str, str]]:
         (cfg.report_to in ("tensorboard", "wandb", "none"), "report_to", "must be tensorboard, wandb or none"),
         (bool(cfg.output_dir.strip()), "output_dir", "must not be empty"),
         (0 <= cfg.seed < 2**32, "seed", "must be in [0, 2**32)"),
+        (cfg.prediction_type in PREDICTION_CHOICES, "prediction_type", f"must be one of {', '.join(PREDICTION_CHOICES)}"),
     ]
+    if hasattr(cfg, "guidance_rescale"):
+        rules.append((cfg.guidance_rescale == -1 or 0 <= cfg.guidance_rescale <= 1, "guidance_rescale",
+                      "must be in [0, 1], or -1 (auto)"))
     if isinstance(cfg, FinetuneConfig):
         rules += [(getattr(cfg, k) > 0, k, "must be positive") for k in
                   ("lora_rank", "train_micro_batch", "epochs", "save_every_epochs")]
