@@ -16,8 +16,6 @@ import torch
 from spo.errors import SpoInputError
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # diffusers' scheduler `prediction_type` values
-# What training and sampling here support: "sample" (x0-prediction) checkpoints are refused when loaded.
-TRAINABLE_PREDICTION_TYPES = ("epsilon", "v_prediction")
 NUM_TRAIN_TIMESTEPS = 1000  # the training timesteps of the SD1.5 and SDXL schedulers
 
 

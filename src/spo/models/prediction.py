@@ -11,9 +11,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from spo.ddim import TRAINABLE_PREDICTION_TYPES
 from spo.errors import SpoInputError
 
+# What training and sampling here support (of diffusers' spo.ddim.PREDICTION_TYPES): "sample" (x0-prediction)
+# checkpoints are refused when loaded. Kept free of torch imports: the CLI's flag vocabulary comes from here.
+TRAINABLE_PREDICTION_TYPES = ("epsilon", "v_prediction")
 PREDICTION_CHOICES = ("auto",) + TRAINABLE_PREDICTION_TYPES  # the --prediction-type vocabulary
 AUTO_RESCALE = -1.0  # guidance_rescale setting: "the checkpoint decides" (see `parameterisation`)
 ZTSNR_GUIDANCE_RESCALE = 0.7  # Lin et al. 2023's phi for zero-terminal-SNR models
