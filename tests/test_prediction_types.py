@@ -139,3 +139,62 @@ def test_dpo_error_is_on_the_v_target():
         pred = pipe.unet(noisy, batch.timesteps, **batch.cond.unet_kwargs()).sample
     target = pipe.scheduler.get_velocity(batch.latents_w, batch.noise, batch.timesteps)
     torch.testing.assert_close(err_w, (pred - target).pow(2).mean(dim=(1, 2, 3)), atol=1e-5, rtol=1e-5)
+
+
+class _VFromEps(torch.nn.Module):
+    """The epsilon toy UNet re-expressed as a v-prediction model: v = (eps - sqrt(1 - a) x_t) / sqrt(a).
+
+    In exact arithmetic its DDIM trajectories equal the epsilon toy's, so SPO on it must give the epsilon toy's
+    pairs, log-probabilities and loss: any place that still read its output as epsilon would differ grossly."""
+
+    def __init__(self, unet, alphas_cumprod):
+        super().__init__()
+        self.inner = unet
+        self.register_buffer("alphas_cumprod", alphas_cumprod.clone())
+
+    config = property(lambda self: self.inner.config)
+    device = property(lambda self: self.inner.device)
+    dtype = property(lambda self: self.inner.dtype)
+
+    def forward(self, sample, timestep, **kwargs):
+        from types import SimpleNamespace
+
+        eps = self.inner(sample, timestep, **kwargs).sample
+        a = self.alphas_cumprod[timestep].view(-1, 1, 1, 1)
+        return SimpleNamespace(sample=(eps - (1 - a).sqrt() * sample) / a.sqrt())
+
+
+@pytest.mark.slow
+def test_spo_on_a_v_prediction_toy_matches_the_epsilon_toy():
+    import contextlib
+
+    from spo.sources import get
+    from spo.train.config import build_config
+    from spo.train.spo_recipe import collect_pairs, load_preference, pair_losses
+
+    cfg = build_config("toy-sd15", overrides=dict(k=3, num_steps=6, divert_start_step=2, threshold=0.0))
+    prompts = get("toy:sd15").training_prompts(0)[:2]
+    scorer = load_preference("", "toy:sd15", "sd15")  # the toy's own SPM
+    pipe_e = load_pipeline("toy:sd15")
+    pipe_v = load_pipeline("toy:sd15", prediction_type="v_prediction")
+    v_model = _VFromEps(pipe_v.unet, pipe_v.scheduler.alphas_cumprod)
+
+    def run(pipe, model):
+        sched = schedule(pipe.scheduler, cfg.num_steps)
+        gens = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
+        pairs, cond, uncond = collect_pairs(pipe, model, scorer, prompts, gens, cfg, sched)
+        with torch.no_grad():
+            _, lw, ll, _, _ = pair_losses(model, lambda: contextlib.nullcontext(model), pairs, cond, uncond, cfg,
+                                          sched[1], sched[2], param=parameterisation(pipe))
+        return pairs, lw, ll
+
+    pe, lw_e, ll_e = run(pipe_e, pipe_e.unet)
+    pv, lw_v, ll_v = run(pipe_v, v_model)
+    torch.testing.assert_close(pv.sample_w, pe.sample_w, atol=2e-3, rtol=1e-3)
+    torch.testing.assert_close(pv.score_w, pe.score_w, atol=2e-3, rtol=1e-3)  # the resampler's x0-hat, judged
+    torch.testing.assert_close(lw_v, lw_e, atol=2e-3, rtol=1e-3)
+    torch.testing.assert_close(ll_v, ll_e, atol=2e-3, rtol=1e-3)
+    # Control: reading the v model's output as epsilon (what happened before) gives other samples altogether.
+    pipe_v.scheduler = DDIMScheduler.from_config(pipe_v.scheduler.config, prediction_type="epsilon")
+    wrong, _, _ = run(pipe_v, v_model)
+    assert (wrong.sample_w - pe.sample_w).abs().mean() > 0.1
