@@ -411,7 +411,7 @@ def _plot_spm_time(path: Path, summary: dict, sib: dict, evals: dict) -> None:
 def judge_cost(args) -> dict:
     import torch
 
-    from spo.models.family import encode, guided_eps
+    from spo.models.family import encode, guided_output
     from spo.models.loading import load_pipeline
     from spo.spm.scoring import score_latents
 
@@ -433,10 +433,10 @@ def judge_cost(args) -> dict:
         return (time.perf_counter() - start) / reps
 
     with torch.no_grad():
-        unet_step = timed(lambda: guided_eps(unet, x, t, cond, uncond, 5.0))
+        unet_step = timed(lambda: guided_output(unet, x, t, cond, uncond, 5.0))
         cand = x.repeat_interleave(k, 0)
         cand_prompts = [p for p in prompts for _ in range(k)]
-        judge_unet = timed(lambda: guided_eps(unet, cand, t.repeat_interleave(k), cond.index(torch.arange(b).repeat_interleave(k)),
+        judge_unet = timed(lambda: guided_output(unet, cand, t.repeat_interleave(k), cond.index(torch.arange(b).repeat_interleave(k)),
                                               uncond.index(torch.arange(b).repeat_interleave(k)), 5.0))
         decode_score = timed(lambda: score_latents(spm, pipe.vae, cand, cand_prompts, t.repeat_interleave(k)))
     return {"family": args.family, "k": k, "batch": b,

@@ -69,6 +69,12 @@ CASES = [
      ["lr_schedule", "step"], ["{t}/o"]),
     ("spm-sdxl-preset-without-relabel", ["spm", "train", "{prompts}", "--preset", "spm-sdxl", "--out", "{t}/o"],
      ["--relabel-with"], ["{t}/o"]),
+    ("train-unknown-prediction-type", ["train", "--prediction-type", "x0", "--out", "{t}/o"],
+     ["prediction_type", "x0"], ["{t}/o"]),
+    ("dpo-unknown-prediction-type", ["dpo", "--prediction-type", "sample", "--out", "{t}/o"],
+     ["prediction_type", "sample"], ["{t}/o"]),
+    ("generate-unknown-prediction-type", ["generate", "--prediction-type", "x0", "--prompt", "a", "--out", "{t}/o"],
+     ["--prediction-type", "x0"], ["{t}/o"]),
     ("train-eval-images-zero", ["train", "--eval-images", "0", "--output-dir", "{t}/o"], ["eval-images"], ["{t}/o"]),
     # ---- export
     ("export-missing-lora", ["export", "{t}/nope.safetensors", "--out", "{t}/o"], ["nope.safetensors"], ["{t}/o"]),

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from spo.errors import SpoInputError
-from spo.models.family import encode, guided_eps
+from spo.models.family import encode, guided_output
 from spo.models.loading import load_pipeline
 from spo.sampling.resampler import sample_pairs, schedule
 from spo.train.config import build_config
@@ -38,7 +38,7 @@ def _setup(family, inner, k=3, batch=2, steps=6, divert=2, seed=0):
     x_T = torch.stack([torch.randn(4, 16, 16, generator=g) for g in gens])
 
     def eps_fn(x, t, rows):
-        return guided_eps(pipe.unet, x, t, cond.index(rows), uncond.index(rows), cfg.cfg_scale)
+        return guided_output(pipe.unet, x, t, cond.index(rows), uncond.index(rows), cfg.cfg_scale)
 
     x0, pairs = sample_pairs(eps_fn, make_judge(brightness, pipe, prompts), x_T, timesteps, a_t, a_prev, gens,
                              k=k, divert_start_step=divert, threshold=0.0, num_inner_steps=inner)

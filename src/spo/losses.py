@@ -23,6 +23,10 @@ def select_pairs(scores: torch.Tensor, threshold: float) -> tuple[torch.Tensor, 
 
     Best and worst of the k; softmax over those two scores; keep the pair iff p_win - p_lose > threshold.
     """
+    # Ties: argmax/argmin take the first; the official code (a stable descending sort) takes the first best and
+    # the *last* worst. Kept: only which of equally-scored losers is paired changes, never the scores, the keep
+    # decision or the loss value (a tie of best and worst has gap 0 and is never kept); float scores of distinct
+    # images tie with probability ~0. See docs/presets.md.
     win = scores.argmax(dim=1)
     lose = scores.argmin(dim=1)
     pair = torch.stack([scores.gather(1, win[:, None]), scores.gather(1, lose[:, None])], dim=1).squeeze(-1)

@@ -41,6 +41,14 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--height", type=integer, default=None, help="as --width")
     parser.add_argument("--init-image", type=Path, default=None, help="img2img: start from this image")
     parser.add_argument("--batch", type=integer, default=8, help="images per pipeline call (default: %(default)s)")
+    from spo.models.prediction import PREDICTION_CHOICES
+
+    parser.add_argument("--prediction-type", choices=PREDICTION_CHOICES, default="auto",
+                        help="what the UNet predicts: auto (its scheduler config, or a single file's v_pred key), "
+                             "epsilon or v_prediction (default: %(default)s)")
+    parser.add_argument("--guidance-rescale", type=finite_float, default=-1.0, metavar="PHI",
+                        help="rescaled CFG phi in [0, 1] (0: plain CFG); -1: auto, 0.7 for a zero-terminal-SNR model "
+                             "(default: %(default)s)")
 
 
 def add_vae_argument(parser: argparse.ArgumentParser) -> None:
@@ -89,6 +97,14 @@ def check_prompt(text: str, what: str = "prompt") -> None:
         raise SpoInputError(f"{what} is {len(text)} characters long (at most {MAX_PROMPT_CHARS})")
 
 
+def check_rescale(value: float) -> float:
+    from spo.errors import SpoInputError
+
+    if value != -1 and not 0 <= value <= 1:
+        raise SpoInputError(f"--guidance-rescale must be in [0, 1], or -1 (auto), got {value:g}")
+    return value
+
+
 MAX_IMAGES = 10_000  # a prompts file of 900k lines is a mistake more often than a plan: say so before hours of sampling
 
 
@@ -109,7 +125,8 @@ def run(args: argparse.Namespace) -> int:
     loras = [parse_lora(text) for text in args.lora]  # bad paths / strengths fail before anything loads
     prompts = collect_prompts(args, warn=False)  # generate() warns once the rest of the input is checked
     settings = Settings(steps=args.steps, cfg=args.cfg, scheduler=check_scheduler(args.scheduler), width=args.width,
-                        height=args.height, negative_prompt=args.negative_prompt, denoise=args.denoise)
+                        height=args.height, negative_prompt=args.negative_prompt, denoise=args.denoise,
+                        prediction_type=args.prediction_type, guidance_rescale=check_rescale(args.guidance_rescale))
     paths = generate(args.model, prompts, args.out, loras=loras, settings=settings, seed=args.seed,
                      num_images=args.num_images, init_image=args.init_image, family=args.family, batch=args.batch,
                      max_images=args.max_images, vae=args.vae)

@@ -58,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import sys
 
-    from spo.cli.generate_cmd import collect_prompts
+    from spo.cli.generate_cmd import check_rescale, collect_prompts
     from spo.show.generate import Settings, check_scheduler, parse_lora
     from spo.show.sweep import sweep
 
@@ -68,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
     loras = [parse_lora(text) for text in args.lora]
     prompts = collect_prompts(args)
     settings = Settings(steps=args.steps, cfg=args.cfg, scheduler=check_scheduler(args.scheduler), width=args.width,
-                        height=args.height, negative_prompt=args.negative_prompt, denoise=args.denoise)
+                        height=args.height, negative_prompt=args.negative_prompt, denoise=args.denoise,
+                        prediction_type=args.prediction_type, guidance_rescale=check_rescale(args.guidance_rescale))
     values = {"strength": _flat(args.strengths), "denoise": _flat(args.denoises),
               "seed": _flat(args.seeds) or ([args.seed + i for i in range(4)] if "seed" in (args.x_axis, args.y_axis)
                                             else [args.seed]),

@@ -217,6 +217,10 @@ def pipeline_to_original(pipe, dtype: torch.dtype | None = None) -> dict[str, to
                 out[new] = cast(v)
         for new, parts in fused.items():
             out[new] = cast(torch.cat(parts, 0))
+    from spo.models.prediction import scheduler_to_markers
+
+    for key in scheduler_to_markers(pipe.scheduler.config):  # v_pred / ztsnr: how A1111 and ComfyUI tell
+        out[key] = torch.zeros(0)
     return out
 
 
@@ -227,5 +231,7 @@ def save_single_file(pipe, target: str | Path, dtype: torch.dtype | None = None,
 
     target = Path(target)
     meta = checkpoint_metadata(family_of(pipe), title=target.stem, extra=metadata)
+    if pipe.scheduler.config.get("prediction_type") == "v_prediction":
+        meta["modelspec.prediction_type"] = "v"  # modelspec's spelling
     save_safetensors(pipeline_to_original(pipe, dtype), target, metadata=meta)
     return target

@@ -16,6 +16,7 @@ import torch
 from spo.errors import SpoInputError
 from spo.models.family import BY_NAME, SD15, SDXL, UNET_PREFIX
 from spo.models.family import get as get_family
+from spo.models.prediction import markers_to_scheduler
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
@@ -130,7 +131,11 @@ def load_single_file(path: str | Path, family: str | None = None, *, dtype: torc
     if family is not None and family != found:
         raise SpoInputError(f"{path}: this is an {found} checkpoint, not {family}")
     folder = Path(config) if config is not None else config_folder_for(shapes, found)
-    return _from_single_file(path, found, folder, dtype)
+    pipe = _from_single_file(path, found, folder, dtype)
+    markers = markers_to_scheduler(shapes)  # the v_pred / ztsnr keys A1111 and ComfyUI read
+    if markers:
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, **markers)
+    return pipe
 
 
 def _from_single_file(path: Path, family: str, folder: Path, dtype: torch.dtype):

@@ -124,12 +124,16 @@ def trainable_text_encoders(pipe) -> list[torch.nn.Module]:
     return [m for m in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if m is not None]
 
 
-def guided_eps(unet, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, uncond: Conditioning,
-               scale: float) -> torch.Tensor:
-    """The CFG noise prediction, with the unconditional and conditional halves in one UNet batch."""
-    from spo.ddim import cfg
+def guided_output(unet, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, uncond: Conditioning,
+                  scale: float, guidance_rescale: float = 0.0) -> torch.Tensor:
+    """The CFG model output (eps for an epsilon model, v for a v-prediction one), with the unconditional and
+    conditional halves in one UNet batch; rescaled CFG when guidance_rescale > 0 (spo.ddim.rescaled_cfg).
+    spo.ddim.x0_eps_from_output turns it into x0 / eps for the checkpoint's prediction type."""
+    from spo.ddim import cfg, rescaled_cfg
 
     both = uncond.cat(cond)
     out = unet(torch.cat([x, x]), torch.cat([t, t]), **both.unet_kwargs()).sample
-    eps_uncond, eps_cond = out.chunk(2)
-    return cfg(eps_uncond, eps_cond, scale)
+    out_uncond, out_cond = out.chunk(2)
+    if guidance_rescale > 0:
+        return rescaled_cfg(out_uncond, out_cond, scale, guidance_rescale)
+    return cfg(out_uncond, out_cond, scale)

@@ -24,7 +24,8 @@ def check_model(source: str | Path) -> Path | None:
 
 
 def load_pipeline(source: str | Path | None = None, family: str | None = None, *, dtype: torch.dtype = torch.float32,
-                  allow_pickle: bool = False, config: str | Path | None = None, vae: str | Path | None = None):
+                  allow_pickle: bool = False, config: str | Path | None = None, vae: str | Path | None = None,
+                  prediction_type: str = "auto"):
     """A diffusers StableDiffusion(XL)Pipeline with a DDIM scheduler, on CPU, progress bars off.
 
     source: None (the default built-in model of `family`, default sd15), a built-in model's name (spo.sources),
@@ -32,12 +33,20 @@ def load_pipeline(source: str | Path | None = None, family: str | None = None, *
     with allow_pickle, read with torch.load(weights_only=True)). A single file's family is detected from its
     keys (and checked against `family` when given); `config` overrides the shipped component configs.
     vae: a VAE (diffusers folder or .safetensors file, spo.models.vae) in place of the model's own; checked to fit.
+    prediction_type: "auto" (the scheduler config's, or a single file's `v_pred` marker), or "epsilon" /
+    "v_prediction" to override it (spo.models.prediction); an unsupported type is refused.
     """
-    from diffusers import DDIMScheduler, DiffusionPipeline
+    from diffusers import DiffusionPipeline
 
+    from spo.models.prediction import check_prediction_choice, resolve_scheduler
+
+    check_prediction_choice(prediction_type)
     builtin = sources.default(family) if source is None else sources.get(source)
     if builtin is not None:
-        return _with_vae(builtin.load_pipeline().to(dtype=dtype), vae)
+        pipe = builtin.load_pipeline().to(dtype=dtype)
+        if prediction_type != "auto":
+            pipe.scheduler = resolve_scheduler(pipe.scheduler, prediction_type, str(source))
+        return _with_vae(pipe, vae)
     path = check_model(source)
     if path.is_dir():
         if not (path / "model_index.json").is_file():
@@ -47,7 +56,7 @@ def load_pipeline(source: str | Path | None = None, family: str | None = None, *
         from spo.models.checkpoint import load_single_file
 
         pipe = load_single_file(path, family, dtype=dtype, allow_pickle=allow_pickle, config=config)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler = resolve_scheduler(pipe.scheduler, prediction_type, str(source))
     pipe.set_progress_bar_config(disable=True)
     return _with_vae(pipe, vae)
 

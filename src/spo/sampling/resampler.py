@@ -1,7 +1,8 @@
 """SPO's step-wise resampler (SPEC section 1): sample, branch into k candidates, judge, pair, continue.
 
 `sample_pairs` is the whole sampler in one function, k-diffusion style. It knows nothing about models:
-`eps_fn` gives the CFG noise prediction of rows of the batch, `judge_fn` scores predicted clean latents.
+`model_fn` gives the CFG model output of rows of the batch (eps, or v for a v-prediction model: the
+`prediction_type` argument says which), `judge_fn` scores predicted clean latents.
 With `num_inner_steps = 0` it is the SD1.5 recipe; with 3 it is the SDXL recipe, where each branch runs
 for 3 more steps before it is judged and every transition on the winning branch is paired with the
 same-index transition of the losing one.
@@ -14,11 +15,11 @@ from typing import Callable
 
 import torch
 
-from spo.ddim import ddim_step, predicted_x0
+from spo.ddim import ddim_step, x0_from_output
 from spo.losses import select_pairs
 
-# eps_fn(x [N,C,H,W], t [N], rows [N]) -> CFG eps [N,C,H,W]; rows index the prompts of the batch.
-EpsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# model_fn(x [N,C,H,W], t [N], rows [N]) -> CFG model output [N,C,H,W]; rows index the prompts of the batch.
+ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 # judge_fn(x0 latents [N,C,H,W], rows [N], t [N]) -> scores [N]
 JudgeFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -50,14 +51,17 @@ class Pairs:
 
 
 def schedule(scheduler, num_steps: int, device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(timesteps, a_t, a_prev) of a diffusers DDIMScheduler's sampling schedule, one entry per step."""
+    """(timesteps, a_t, a_prev) of a diffusers DDIMScheduler's sampling schedule, one entry per step.
+
+    The last step goes to alphas_cumprod[0], as the official SPO code's (it clamps the previous timestep at 0),
+    not to the scheduler's final_alpha_cumprod: with set_alpha_to_one=True that is 1, sigma_t would be 0 and the
+    last step's log-probability NaN. SD1.5 and SDXL ship set_alpha_to_one=False, where the two are the same.
+    """
     scheduler.set_timesteps(num_steps, device=device)
     timesteps = scheduler.timesteps.long()
     ac = scheduler.alphas_cumprod.to(device)
     prev = timesteps - scheduler.config.num_train_timesteps // num_steps
-    final = torch.as_tensor(float(scheduler.final_alpha_cumprod), device=device)
-    a_prev = torch.where(prev >= 0, ac[prev.clamp(min=0)], final)
-    return timesteps, ac[timesteps], a_prev
+    return timesteps, ac[timesteps], ac[prev.clamp(min=0)]
 
 
 def _noise(generators: list[torch.Generator], rows: torch.Tensor, shape, device, dtype) -> torch.Tensor:
@@ -67,9 +71,10 @@ def _noise(generators: list[torch.Generator], rows: torch.Tensor, shape, device,
 
 
 @torch.no_grad()
-def sample_pairs(eps_fn: EpsFn, judge_fn: JudgeFn, x: torch.Tensor, timesteps: torch.Tensor, a_t: torch.Tensor,
+def sample_pairs(model_fn: ModelFn, judge_fn: JudgeFn, x: torch.Tensor, timesteps: torch.Tensor, a_t: torch.Tensor,
                  a_prev: torch.Tensor, generators: list[torch.Generator], *, k: int, divert_start_step: int,
-                 threshold: float, num_inner_steps: int = 0, eta: float = 1.0) -> tuple[torch.Tensor, Pairs]:
+                 threshold: float, num_inner_steps: int = 0, eta: float = 1.0,
+                 prediction_type: str = "epsilon") -> tuple[torch.Tensor, Pairs]:
     """Run the resampler from x_T [B,...] and return (final latents x_0, the win/lose transition pairs).
 
     Steps before `divert_start_step` are plain DDIM sampling. From there, at the shared x_t: one CFG
@@ -83,14 +88,15 @@ def sample_pairs(eps_fn: EpsFn, judge_fn: JudgeFn, x: torch.Tensor, timesteps: t
     rows = torch.arange(batch, device=x.device)
     branch_rows = rows.repeat_interleave(k)
     pairs: list[Pairs] = []
-    eps = None
+    pt = prediction_type
+    eps = None  # the model output at the shared x_t (eps for an epsilon model)
     i = 0
     while i < n_steps:
         t = timesteps[i].expand(batch)
         if eps is None:
-            eps = eps_fn(x, t, rows)
+            eps = model_fn(x, t, rows)
         if i < divert_start_step:
-            x = ddim_step(x, eps, a_t[i], a_prev[i], eta, _noise(generators, rows, shape, x.device, x.dtype))
+            x = ddim_step(x, eps, a_t[i], a_prev[i], eta, _noise(generators, rows, shape, x.device, x.dtype), pt)
             eps, i = None, i + 1
             continue
         # Branch: k candidates from the shared x_t, each continued on its own for the inner steps.
@@ -98,17 +104,17 @@ def sample_pairs(eps_fn: EpsFn, judge_fn: JudgeFn, x: torch.Tensor, timesteps: t
         xb, eps_b, path = x.repeat_interleave(k, dim=0), eps.repeat_interleave(k, dim=0), []
         for j in range(n_branch):
             if j > 0:
-                eps_b = eps_fn(xb, timesteps[i + j].expand(len(xb)), branch_rows)
+                eps_b = model_fn(xb, timesteps[i + j].expand(len(xb)), branch_rows)
             child = ddim_step(xb, eps_b, a_t[i + j], a_prev[i + j], eta,
-                              _noise(generators, branch_rows, shape, x.device, x.dtype))
+                              _noise(generators, branch_rows, shape, x.device, x.dtype), pt)
             path.append((xb, child, i + j))
             xb = child
         # Judge each branch on its own predicted clean image at the next timestep (t = 0 if it is clean).
         nxt = i + n_branch
         if nxt < n_steps:
             t_next = timesteps[nxt].expand(len(xb))
-            eps_next = eps_fn(xb, t_next, branch_rows)
-            scores = judge_fn(predicted_x0(xb, eps_next, a_t[nxt]), branch_rows, t_next)
+            eps_next = model_fn(xb, t_next, branch_rows)
+            scores = judge_fn(x0_from_output(eps_next, xb, a_t[nxt], pt), branch_rows, t_next)
         else:
             eps_next = None
             scores = judge_fn(xb, branch_rows, torch.zeros(len(xb), dtype=torch.long, device=x.device))
@@ -130,11 +136,12 @@ def sample_pairs(eps_fn: EpsFn, judge_fn: JudgeFn, x: torch.Tensor, timesteps: t
 
 
 @torch.no_grad()
-def sample_plain(eps_fn: EpsFn, x: torch.Tensor, timesteps, a_t, a_prev, generators, eta: float = 1.0) -> torch.Tensor:
+def sample_plain(model_fn: ModelFn, x: torch.Tensor, timesteps, a_t, a_prev, generators, eta: float = 1.0,
+                 prediction_type: str = "epsilon") -> torch.Tensor:
     """Plain DDIM sampling with the same per-row noise convention (no branching)."""
     rows = torch.arange(x.shape[0], device=x.device)
     for i in range(len(timesteps)):
-        eps = eps_fn(x, timesteps[i].expand(len(x)), rows)
+        out = model_fn(x, timesteps[i].expand(len(x)), rows)
         noise = _noise(generators, rows, x.shape[1:], x.device, x.dtype) if eta > 0 else torch.zeros_like(x)
-        x = ddim_step(x, eps, a_t[i], a_prev[i], eta, noise)
+        x = ddim_step(x, out, a_t[i], a_prev[i], eta, noise, prediction_type)
     return x

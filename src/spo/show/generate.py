@@ -217,20 +217,23 @@ class Settings:
     negative_prompt: str = ""
     denoise: float | None = None  # img2img only
     strengths: list[float] = field(default_factory=list)  # one per LoRA
+    prediction_type: str = "auto"  # what the UNet predicts: auto (the model's own) | epsilon | v_prediction
+    guidance_rescale: float = -1.0  # rescaled CFG phi; -1: auto (0.7 for a zero-terminal-SNR model, else 0)
 
 
 class Generator:
     """A loaded pipeline (txt2img or img2img) with its LoRAs; strengths and scheduler change per call."""
 
     def __init__(self, model: str = DEFAULT_MODEL, loras: list[LoraSpec] | None = None, *, family: str | None = None,
-                 img2img: bool = False, device: str | None = None, vae: str | os.PathLike | None = None):
+                 img2img: bool = False, device: str | None = None, vae: str | os.PathLike | None = None,
+                 prediction_type: str = "auto"):
         import torch
 
         from spo.models.loading import load_pipeline
 
         self.model = str(model)
         self.loras = list(loras or [])
-        pipe = load_pipeline(model, family, vae=vae)
+        pipe = load_pipeline(model, family, vae=vae, prediction_type=prediction_type)
         if img2img:
             from diffusers import AutoPipelineForImage2Image
 
@@ -242,6 +245,7 @@ class Generator:
         self.pipe = pipe
         self.img2img = img2img
         self.base_scheduler_config = dict(pipe.scheduler.config)
+        self.base_scheduler = pipe.scheduler  # the model's own (DDIM) scheduler: its prediction type and schedule
         self.scheduler = None
         self.adapters: list[str] = []
         for i, spec in enumerate(self.loras):
@@ -282,6 +286,7 @@ class Generator:
         import diffusers
 
         cls_name, extra, _, _ = SCHEDULERS[key]
+        check_scheduler_supports(key, getattr(diffusers, cls_name), self.base_scheduler_config)
         self.pipe.scheduler = getattr(diffusers, cls_name).from_config(self.base_scheduler_config, **extra)
         self.scheduler = key
 
@@ -317,6 +322,11 @@ class Generator:
             raise SpoInputError(f"--steps {settings.steps} is more than the model's {trained} training timesteps")
         # "np", not "pil": the same pixels (numpy_to_pil below is what "pil" runs), but NaN stays visible
         kwargs = {"num_inference_steps": settings.steps, "guidance_scale": settings.cfg, "output_type": "np"}
+        from spo.models.prediction import parameterisation
+
+        rescale = parameterisation(self.base_scheduler, settings.guidance_rescale).guidance_rescale
+        if rescale > 0:  # diffusers' pipelines apply it (rescale_noise_cfg); 0 leaves the call as it always was
+            kwargs["guidance_rescale"] = rescale
         if init_image is not None:
             if settings.denoise is None:
                 raise ValueError("img2img needs a denoise strength")
@@ -366,6 +376,19 @@ class Generator:
 
 
 FAMILY_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL"}
+
+
+def check_scheduler_supports(name: str, cls, base_config: dict) -> None:
+    """A zero-terminal-SNR or v-prediction model with a diffusers scheduler that cannot express it is one line,
+    not images from the wrong schedule (from_config would drop the setting with a log notice)."""
+    import inspect
+
+    params = inspect.signature(cls.__init__).parameters
+    if base_config.get("rescale_betas_zero_snr") and "rescale_betas_zero_snr" not in params:
+        raise SpoInputError(f"scheduler {name} cannot sample a zero-terminal-SNR model (diffusers' {cls.__name__} has "
+                            "no rescale_betas_zero_snr); use ddim, euler, euler_a, dpmpp_2m or unipc")
+    if base_config.get("prediction_type", "epsilon") != "epsilon" and "prediction_type" not in params:
+        raise SpoInputError(f"scheduler {name} cannot sample a {base_config['prediction_type']} model")
 
 
 def check_lora_file(spec: LoraSpec, family: str) -> None:
@@ -474,7 +497,8 @@ def generate(model: str, prompts: list[str], out: str | os.PathLike, *, loras: l
     out = check_output_dir(out)
     warn_unreadable_prompts(model, prompts)
 
-    gen = Generator(model, loras, family=family, img2img=init is not None, vae=vae)
+    gen = Generator(model, loras, family=family, img2img=init is not None, vae=vae,
+                    prediction_type=settings.prediction_type)
     size = gen.size(settings, init)
     jobs = [(p, seed + i) for i, p in enumerate(p for p in prompts for _ in range(num_images))]
     counter = next_counter(out) if out.is_dir() else 0

@@ -11,11 +11,11 @@ from typing import Sequence
 
 import torch
 
-from spo.ddim import add_noise, x0_from_output
-from spo.ddim import cfg as apply_cfg
+from spo.ddim import add_noise, rescaled_cfg, x0_from_output
 from spo.models.family import encode
 from spo.models.vae import decode as vae_decode
 from spo.models.vae import encode as vae_encode
+from spo.models.prediction import AUTO_RESCALE, parameterisation
 
 
 
@@ -30,23 +30,26 @@ def freeze(pipe) -> None:
 
 
 @torch.no_grad()
-def predict_x0_latents(pipe, x_t: torch.Tensor, t: torch.Tensor, prompts: Sequence[str], cfg_scale: float) -> torch.Tensor:
-    """One CFG prediction (uncond + cond in one UNet batch) -> predicted clean latents."""
+def predict_x0_latents(pipe, x_t: torch.Tensor, t: torch.Tensor, prompts: Sequence[str], cfg_scale: float,
+                       guidance_rescale: float = AUTO_RESCALE) -> torch.Tensor:
+    """One CFG prediction (uncond + cond in one UNet batch) -> predicted clean latents, for the pipeline's
+    prediction type (spo.models.prediction; rescaled CFG where it asks for it or `guidance_rescale` says)."""
+    param = parameterisation(pipe, guidance_rescale)
     unet = pipe.unet
     cond = encode(pipe, list(prompts))
     uncond = encode(pipe, list(prompts), negative=True)
     x_in = torch.cat([x_t, x_t]).to(unet.dtype)
     out = unet(x_in, torch.cat([t, t]), **uncond.cat(cond).unet_kwargs()).sample.float()
     eps_u, eps_c = out.chunk(2)
-    guided = apply_cfg(eps_u, eps_c, cfg_scale)
+    guided = rescaled_cfg(eps_u, eps_c, cfg_scale, param.guidance_rescale)
     a = pipe.scheduler.alphas_cumprod.to(x_t.device)[t].float().view(-1, 1, 1, 1)
-    return x0_from_output(guided, x_t.float(), a, pipe.scheduler.config.prediction_type)
+    return x0_from_output(guided, x_t.float(), a, param.prediction_type)
 
 
 @torch.no_grad()
 def predicted_pair_images(pipe, images_0: torch.Tensor, images_1: torch.Tensor, prompts: Sequence[str],
-                          t: torch.Tensor, generator: torch.Generator | None, cfg_scale: float = 5.0
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
+                          t: torch.Tensor, generator: torch.Generator | None, cfg_scale: float = 5.0,
+                          guidance_rescale: float = AUTO_RESCALE) -> tuple[torch.Tensor, torch.Tensor]:
     """x0-hat images of both images of each pair at t (same noise for the two), in [-1, 1]."""
     device = pipe.unet.device
     t = t.to(device)
@@ -56,6 +59,6 @@ def predicted_pair_images(pipe, images_0: torch.Tensor, images_1: torch.Tensor, 
     noise = torch.randn(latents[:n].shape, generator=generator, device=device, dtype=latents.dtype)
     a = pipe.scheduler.alphas_cumprod.to(device)[t].float().view(-1, 1, 1, 1)
     noisy = add_noise(latents, torch.cat([noise, noise]), torch.cat([a, a]))
-    x0 = predict_x0_latents(pipe, noisy, torch.cat([t, t]), list(prompts) * 2, cfg_scale)
+    x0 = predict_x0_latents(pipe, noisy, torch.cat([t, t]), list(prompts) * 2, cfg_scale, guidance_rescale)
     images = vae_decode(pipe.vae, x0)
     return images[:n], images[n:]

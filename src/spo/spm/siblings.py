@@ -57,9 +57,9 @@ def sibling_agreement(pipe, scorers: Mapping[str, Scorer], references: Mapping[s
     """Per measured step: each scorer's agreement with the first reference, and its pick gain by every reference."""
     from tqdm.auto import tqdm
 
-    from spo.ddim import predicted_x0
-    from spo.models.family import encode, guided_eps
-    from spo.ddim import ddim_step
+    from spo.ddim import ddim_step, x0_from_output
+    from spo.models.family import encode, guided_output
+    from spo.models.prediction import parameterisation
     from spo.sampling.resampler import sample_plain, schedule
     from spo.models.vae import decode as vae_decode
     from spo.spm.scoring import score_images
@@ -67,6 +67,8 @@ def sibling_agreement(pipe, scorers: Mapping[str, Scorer], references: Mapping[s
     steps = sorted(set(int(s) for s in steps))
     device = pipe.unet.device
     timesteps, a_t, a_prev = schedule(pipe.scheduler, num_steps, device=device)
+    param = parameterisation(pipe)
+    pt = param.prediction_type
     shape = (pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
     n = len(prompts)
     scores = {name: np.zeros((len(steps), n, k)) for name in scorers}
@@ -81,7 +83,8 @@ def sibling_agreement(pipe, scorers: Mapping[str, Scorer], references: Mapping[s
         branch_prompts = [chunk_prompts[r] for r in rows_k.tolist()]
 
         def eps_fn(x, t, rows):
-            return guided_eps(pipe.unet, x, t, cond.index(rows), uncond.index(rows), cfg).float()
+            return guided_output(pipe.unet, x, t, cond.index(rows), uncond.index(rows), cfg,
+                                 param.guidance_rescale).float()
 
         def eps_branch(x, t, rows):
             return eps_fn(x, t, rows_k[rows])
@@ -90,17 +93,17 @@ def sibling_agreement(pipe, scorers: Mapping[str, Scorer], references: Mapping[s
         trunk = _generators(seed, 1, idx)
         done = 0
         for si, s in enumerate(steps):
-            x = sample_plain(eps_fn, x, timesteps[done:s], a_t[done:s], a_prev[done:s], trunk, eta)
+            x = sample_plain(eps_fn, x, timesteps[done:s], a_t[done:s], a_prev[done:s], trunk, eta, pt)
             done = s
             cand = torch.arange(len(idx) * k, device=device)
             branch = _generators(seed, 100 + s, [i * k + j for i in idx for j in range(k)])
             noise = torch.stack([torch.randn(shape, generator=g) for g in branch]).to(device)
             eps = eps_fn(x, timesteps[s].expand(len(idx)), torch.arange(len(idx), device=device))
-            child = ddim_step(x.repeat_interleave(k, 0), eps.repeat_interleave(k, 0), a_t[s], a_prev[s], eta, noise)
+            child = ddim_step(x.repeat_interleave(k, 0), eps.repeat_interleave(k, 0), a_t[s], a_prev[s], eta, noise, pt)
             if s + 1 < num_steps:
                 t_next = timesteps[s + 1].expand(len(cand))
-                x0_hat = predicted_x0(child, eps_branch(child, t_next, cand), a_t[s + 1])
-                final = sample_plain(eps_branch, child, timesteps[s + 1:], a_t[s + 1:], a_prev[s + 1:], branch, eta)
+                x0_hat = x0_from_output(eps_branch(child, t_next, cand), child, a_t[s + 1], pt)
+                final = sample_plain(eps_branch, child, timesteps[s + 1:], a_t[s + 1:], a_prev[s + 1:], branch, eta, pt)
             else:  # the last step's candidates are already clean
                 t_next, x0_hat, final = torch.zeros(len(cand), dtype=torch.long, device=device), child, child
             judged, finished = vae_decode(pipe.vae, x0_hat), vae_decode(pipe.vae, final)  # decoded once for all scorers

@@ -23,11 +23,14 @@ from typing import ClassVar
 from spo.ddim import NUM_TRAIN_TIMESTEPS
 from spo.deprecation import DeprecatedFlag
 from spo.errors import SpoInputError
+from spo.models.prediction import PREDICTION_CHOICES
 from spo.sources import DEFAULT_SOURCE
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 LR_SCHEDULES = ("constant", "cosine", "linear")
 OPTIMIZERS = ("adamw", "adafactor")
+GUIDANCE_RESCALE_HELP = ("rescaled CFG phi in [0, 1] (Lin et al. 2023; 0: plain CFG); -1: auto, 0.7 for a "
+                         "zero-terminal-SNR checkpoint, else 0")
 PRESET_DIR = Path(__file__).resolve().parent.parent / "assets" / "configs" / "presets"
 
 
@@ -74,6 +77,8 @@ class RunConfig:
                        "recipe: the fp16-safe madebyollin/sdxl-vae-fp16-fix)")
     optimizer: str = opt("adamw", "adamw, or adafactor (transformers' Adafactor at the given lr, no parameter scaling: "
                                   "Diffusion-DPO's SDXL optimizer; ignores the adam_* settings)")
+    prediction_type: str = opt("auto", "what the base UNet predicts: auto (its scheduler config, or a single file's "
+                                       "v_pred key), epsilon or v_prediction")
 
 
 @dataclass
@@ -118,6 +123,7 @@ class SPOConfig(FinetuneConfig):
     beta: float = opt(10.0, "beta of the SPO loss")
     clip_eps: float = opt(0.1, "ratio clipping band of the SPO loss: p_theta / p_ref is clamped to "
                                "[1 - clip_eps, 1 + clip_eps] (paper: 0.1)")
+    guidance_rescale: float = opt(-1.0, GUIDANCE_RESCALE_HELP)
 
 
 @dataclass
@@ -171,6 +177,7 @@ class SPMConfig(RunConfig, PairsConfig):
     log_every: int = opt(10, "optimizer steps between logged training curves")
     relabel_required: bool = opt(False, "the recipe relabels its pairs (SDXL: PickScore at gap 0.1): refuse to start "
                                         "without --relabel-with")
+    guidance_rescale: float = opt(-1.0, GUIDANCE_RESCALE_HELP)
 
 
 CONFIGS: dict[str, type] = {"spo": SPOConfig, "dpo": DPOConfig, "spm": SPMConfig}
@@ -259,7 +266,11 @@ def _checks(cfg: RunConfig) -> list[tuple[bool, str, str]]:
         (bool(cfg.output_dir.strip()), "output_dir", "must not be empty"),
         (0 <= cfg.seed < 2**32, "seed", "must be in [0, 2**32)"),
         (not cfg.vae or Path(cfg.vae).exists(), "vae", "names no such file or folder"),
+        (cfg.prediction_type in PREDICTION_CHOICES, "prediction_type", f"must be one of {', '.join(PREDICTION_CHOICES)}"),
     ]
+    if hasattr(cfg, "guidance_rescale"):
+        rules.append((cfg.guidance_rescale == -1 or 0 <= cfg.guidance_rescale <= 1, "guidance_rescale",
+                      "must be in [0, 1], or -1 (auto)"))
     if isinstance(cfg, FinetuneConfig):
         rules += [(getattr(cfg, k) > 0, k, "must be positive") for k in
                   ("lora_rank", "train_micro_batch", "epochs", "save_every_epochs")]

@@ -2,7 +2,8 @@
 
 For each pair (winner w, loser l; ties dropped): both images -> VAE (scaled latents); one t ~ U[0, T) and one
 noise shared by the two; noisy latents; the UNet's noise prediction from the trained model and from the frozen
-reference (the same UNet with its LoRA adapters disabled); err = per-sample MSE of the noise prediction;
+reference (the same UNet with its LoRA adapters disabled); err = per-sample MSE of the model's prediction against its
+own target (the noise for an epsilon model, v = sqrt(a) eps - sqrt(1 - a) x0 for a v-prediction one);
 loss = -log sigmoid(-beta/2 * [(err_theta(w) - err_ref(w)) - (err_theta(l) - err_ref(l))])
 (spo.losses.diffusion_dpo_loss). One label is thus spread over every timestep of the pair, which is what SPO
 replaces with step-wise judgements.
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from spo.ddim import add_noise
+from spo.ddim import add_noise, velocity
 from spo.errors import SpoInputError
 from spo.losses import diffusion_dpo_loss
 from spo.models.family import Conditioning, encode, family_of
@@ -121,25 +122,27 @@ def prepare_batch(pipe, items: list[tuple[str, bytes, bytes]], generators: list[
 
 
 # ---------------------------------------------------------------------------------------------- math
-def noise_errors(unet, batch: DPOBatch, alphas_cumprod: torch.Tensor, weight_dtype=torch.float32
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample MSE of the noise prediction for the winners and the losers (one UNet batch for both)."""
+def noise_errors(unet, batch: DPOBatch, alphas_cumprod: torch.Tensor, weight_dtype=torch.float32,
+                 prediction_type: str = "epsilon") -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample MSE of the model's prediction against its target (noise, or v for v-prediction) for the winners
+    and the losers (one UNet batch for both)."""
     a = alphas_cumprod[batch.timesteps].float().view(-1, 1, 1, 1)
-    noisy = add_noise(torch.cat([batch.latents_w, batch.latents_l]), torch.cat([batch.noise, batch.noise]),
-                      torch.cat([a, a]))
+    x0, noise = torch.cat([batch.latents_w, batch.latents_l]), torch.cat([batch.noise, batch.noise])
+    noisy = add_noise(x0, noise, torch.cat([a, a]))
     pred = unet(noisy.to(weight_dtype), torch.cat([batch.timesteps, batch.timesteps]),
                 **batch.cond.cat(batch.cond).unet_kwargs()).sample.float()
-    err = (pred - torch.cat([batch.noise, batch.noise])).pow(2).mean(dim=(1, 2, 3))
+    target = noise if prediction_type == "epsilon" else velocity(x0, noise, torch.cat([a, a]))
+    err = (pred - target).pow(2).mean(dim=(1, 2, 3))
     return err.chunk(2)
 
 
 def pair_losses(unet, reference, batch: DPOBatch, alphas_cumprod: torch.Tensor, beta: float, weight_dtype=torch.float32,
-                autocast=contextlib.nullcontext) -> dict[str, torch.Tensor]:
+                autocast=contextlib.nullcontext, prediction_type: str = "epsilon") -> dict[str, torch.Tensor]:
     """Diffusion-DPO loss per pair with gradients through `unet`; `reference()` is a context giving the frozen model."""
     with torch.no_grad(), autocast(), reference() as ref:
-        ref_w, ref_l = noise_errors(ref, batch, alphas_cumprod, weight_dtype)
+        ref_w, ref_l = noise_errors(ref, batch, alphas_cumprod, weight_dtype, prediction_type)
     with autocast():
-        err_w, err_l = noise_errors(unet, batch, alphas_cumprod, weight_dtype)
+        err_w, err_l = noise_errors(unet, batch, alphas_cumprod, weight_dtype, prediction_type)
     losses = diffusion_dpo_loss(err_w, err_l, ref_w, ref_l, beta)
     return {"losses": losses, "err_w": err_w, "err_l": err_l, "ref_w": ref_w, "ref_l": ref_l}
 
@@ -164,6 +167,7 @@ class DPOMethod(FinetuneMethod):
         super().__init__(cfg, pipe, family, frozen_copy, validation_prompts(cfg, [c for c, _, _ in items]))
         self.items, self.world, self.rank = items, world, rank
         self.alphas_cumprod = pipe.scheduler.alphas_cumprod.to(pipe.unet.device)
+        self.prediction_type = pipe.scheduler.config.prediction_type  # resolved (and checked) by load_pipeline
 
     def batches_per_epoch(self) -> int:
         # Full batches only (the official trainer drops the last one too): every process always has a full share.
@@ -188,7 +192,8 @@ class DPOMethod(FinetuneMethod):
         for s in starts:
             with run.no_sync(s == starts[-1], sync_now):
                 out = pair_losses(run.module, self.reference(run), batch.chunk(s, s + cfg.train_micro_batch),
-                                  self.alphas_cumprod, cfg.dpo_beta, self.dtype, run.accelerator.autocast)
+                                  self.alphas_cumprod, cfg.dpo_beta, self.dtype, run.accelerator.autocast,
+                                  self.prediction_type)
                 run.accelerator.backward(out["losses"].sum() * scale)
             for k, v in out.items():
                 parts.setdefault(k, []).append(v.detach())
@@ -220,11 +225,8 @@ def train_dpo(cfg: DPOConfig, log=print) -> dict:
         cfg = run.cfg = for_processes(cfg, run.accelerator.num_processes)  # before anything reads the batch or lr
         items = load_pairs(cfg.data, cfg.max_pairs, log) if cfg.data else None  # before the model: fails in a second
         set_seed(cfg.seed)
-        pipe = load_pipeline(cfg.base, vae=cfg.vae)
+        pipe = load_pipeline(cfg.base, vae=cfg.vae, prediction_type=cfg.prediction_type)
         family = family_of(pipe)
-        if pipe.scheduler.config.prediction_type != "epsilon":
-            raise SpoInputError(f"{cfg.base}: Diffusion-DPO here needs an epsilon-prediction model, "
-                                f"not {pipe.scheduler.config.prediction_type}")
         run.create_output_dir()
         if items is None:
             pipe.to(run.device)

@@ -122,7 +122,7 @@ class SPMMethod(Method):
         gen = torch.Generator(device=device).manual_seed(batch_seed(cfg.seed, m, self.rank))
         img0, img1, prompts = pair_tensors(self.pairs, idx, self.side)
         t = torch.randint(0, cfg.max_t, (len(idx),), generator=gen, device=device)
-        x0, x1 = predicted_pair_images(self.pipe, img0, img1, prompts, t, gen, cfg.cfg_scale)
+        x0, x1 = predicted_pair_images(self.pipe, img0, img1, prompts, t, gen, cfg.cfg_scale, cfg.guidance_rescale)
         l0 = torch.tensor([self.labels[0][i] for i in idx], device=device)
         l1 = torch.tensor([self.labels[1][i] for i in idx], device=device)
         w = torch.tensor([self.example_weights[i] for i in idx], device=device)
@@ -171,7 +171,7 @@ def train(cfg: SPMConfig) -> dict:
         cfg = run.cfg = for_processes(cfg, run.accelerator.num_processes)  # before anything reads the batch or lr
         print(describe_batch(cfg, run.accelerator.num_processes))
         pairs, summary = load_data(cfg)  # before the model: bad data fails in a second and leaves no folder
-        pipe = load_pipeline(cfg.base, vae=cfg.vae)  # before the folder: a VAE that does not fit leaves none behind
+        pipe = load_pipeline(cfg.base, vae=cfg.vae, prediction_type=cfg.prediction_type)  # before the folder: a VAE that does not fit leaves none behind
         run.create_output_dir()
         freeze(pipe)
         pipe.to(run.device)

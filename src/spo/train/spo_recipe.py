@@ -25,7 +25,8 @@ import torch
 from spo.ddim import ddim_sigma, ddim_transition_mean, gaussian_log_prob
 from spo.errors import SpoInputError
 from spo.losses import spo_loss
-from spo.models.family import Conditioning, encode, family_of, guided_eps
+from spo.models.family import Conditioning, encode, family_of, guided_output
+from spo.models.prediction import EPSILON, Parameterisation, parameterisation
 from spo.sampling.resampler import Pairs, sample_pairs, schedule
 from spo.train.config import SPOConfig
 from spo.train.engine import Run, fit, open_run
@@ -34,10 +35,12 @@ from spo.train.finetune import FinetuneMethod, item_generators, setup_unet, vali
 
 # ---------------------------------------------------------------------------------------------- math
 def transition_log_probs(unet, pairs: Pairs, cond: Conditioning, uncond: Conditioning, cfg_scale: float,
-                         a_t: torch.Tensor, a_prev: torch.Tensor, eta: float) -> tuple[torch.Tensor, torch.Tensor]:
+                         a_t: torch.Tensor, a_prev: torch.Tensor, eta: float,
+                         param: Parameterisation = EPSILON) -> tuple[torch.Tensor, torch.Tensor]:
     """log p(x_{t-1}^w | x_t^w) and log p(x_{t-1}^l | x_t^l) under `unet`'s DDIM Gaussian (CFG applied).
 
     Pairs from one branching point share their parent, so one forward serves both members of the pair.
+    `param` says what the UNet predicts (and the CFG rescale): the mean comes from its output directly.
     """
     i = pairs.step_index
     at, ap = a_t[i].view(-1, 1, 1, 1), a_prev[i].view(-1, 1, 1, 1)
@@ -47,23 +50,24 @@ def transition_log_probs(unet, pairs: Pairs, cond: Conditioning, uncond: Conditi
     rows = pairs.row if shared else torch.cat([pairs.row, pairs.row])
     t = pairs.timestep if shared else torch.cat([pairs.timestep, pairs.timestep])
     rep = 1 if shared else 2
-    eps = guided_eps(unet, parents, t, cond.index(rows), uncond.index(rows), cfg_scale).float()
-    mean = ddim_transition_mean(parents.float(), eps, at.repeat(rep, 1, 1, 1), ap.repeat(rep, 1, 1, 1),
-                                sigma.repeat(rep, 1, 1, 1))
+    out = guided_output(unet, parents, t, cond.index(rows), uncond.index(rows), cfg_scale,
+                        param.guidance_rescale).float()
+    mean = ddim_transition_mean(parents.float(), out, at.repeat(rep, 1, 1, 1), ap.repeat(rep, 1, 1, 1),
+                                sigma.repeat(rep, 1, 1, 1), param.prediction_type)
     mean_w, mean_l = (mean, mean) if shared else mean.chunk(2)
     return gaussian_log_prob(pairs.sample_w.float(), mean_w, sigma), gaussian_log_prob(pairs.sample_l.float(), mean_l, sigma)
 
 
 def pair_losses(unet, reference, pairs: Pairs, cond: Conditioning, uncond: Conditioning, cfg: SPOConfig,
-                a_t: torch.Tensor, a_prev: torch.Tensor, autocast=contextlib.nullcontext):
+                a_t: torch.Tensor, a_prev: torch.Tensor, autocast=contextlib.nullcontext, param: Parameterisation = EPSILON):
     """SPO loss per pair, with gradients through `unet`; `reference()` is a context giving the frozen model.
 
-    Returns (losses, logp_w, logp_l, ref_logp_w, ref_logp_l).
+    Returns (losses, logp_w, logp_l, ref_logp_w, ref_logp_l). `param`: spo.models.prediction.parameterisation.
     """
     with torch.no_grad(), autocast(), reference() as ref:
-        ref_w, ref_l = transition_log_probs(ref, pairs, cond, uncond, cfg.cfg_scale, a_t, a_prev, cfg.eta)
+        ref_w, ref_l = transition_log_probs(ref, pairs, cond, uncond, cfg.cfg_scale, a_t, a_prev, cfg.eta, param)
     with autocast():
-        logp_w, logp_l = transition_log_probs(unet, pairs, cond, uncond, cfg.cfg_scale, a_t, a_prev, cfg.eta)
+        logp_w, logp_l = transition_log_probs(unet, pairs, cond, uncond, cfg.cfg_scale, a_t, a_prev, cfg.eta, param)
     return spo_loss(logp_w, logp_l, ref_w, ref_l, cfg.beta, cfg.clip_eps), logp_w, logp_l, ref_w, ref_l
 
 
@@ -118,19 +122,21 @@ def collect_pairs(pipe, model, scorer, prompts: list[str], generators, cfg: SPOC
                   autocast=contextlib.nullcontext) -> tuple[Pairs, Conditioning, Conditioning]:
     """Sampling phase of one batch: the resampler run with the current model on `prompts`."""
     timesteps, a_t, a_prev = sched
+    param = parameterisation(pipe, cfg.guidance_rescale)
     device = model.device
     latent_shape = (model.config.in_channels, model.config.sample_size, model.config.sample_size)
     with torch.no_grad(), autocast():
         cond = encode(pipe, prompts)
         uncond = encode(pipe, prompts, negative=True)
 
-        def eps_fn(x, t, rows):
-            return guided_eps(model, x.to(weight_dtype), t, cond.index(rows), uncond.index(rows), cfg.cfg_scale).float()
+        def model_fn(x, t, rows):
+            return guided_output(model, x.to(weight_dtype), t, cond.index(rows), uncond.index(rows), cfg.cfg_scale,
+                                 param.guidance_rescale).float()
 
         x_T = torch.stack([torch.randn(latent_shape, generator=g) for g in generators]).to(device)
-        _, pairs = sample_pairs(eps_fn, make_judge(scorer, pipe, prompts), x_T, timesteps, a_t, a_prev, generators,
+        _, pairs = sample_pairs(model_fn, make_judge(scorer, pipe, prompts), x_T, timesteps, a_t, a_prev, generators,
                                 k=cfg.k, divert_start_step=cfg.divert_start_step, threshold=cfg.threshold,
-                                num_inner_steps=cfg.num_inner_steps, eta=cfg.eta)
+                                num_inner_steps=cfg.num_inner_steps, eta=cfg.eta, prediction_type=param.prediction_type)
     return pairs, cond, uncond
 
 
@@ -258,7 +264,7 @@ class SPOMethod(FinetuneMethod):
             with run.no_sync(n == len(chunks) - 1, sync):
                 losses, logp_w, logp_l, ref_w, ref_l = pair_losses(
                     run.module, self.reference(run), _cast(chunk, self.dtype), cond, uncond, cfg, a_t, a_prev,
-                    run.accelerator.autocast)
+                    run.accelerator.autocast, parameterisation(self.pipe, cfg.guidance_rescale))
                 run.accelerator.backward(losses.sum() * scale)
             total += float(losses.detach().sum())
             if weight:
@@ -287,7 +293,7 @@ def train(cfg: SPOConfig, scorer=None, log=print) -> dict:
     with run:
         set_seed(cfg.seed)
         prompts = load_training_prompts(cfg)  # before the model: a missing prompts file fails in a second
-        pipe = load_pipeline(cfg.base, vae=cfg.vae)
+        pipe = load_pipeline(cfg.base, vae=cfg.vae, prediction_type=cfg.prediction_type)
         family = family_of(pipe)
         if scorer is None:
             scorer = load_preference(cfg.preference, cfg.base, family)
