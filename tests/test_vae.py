@@ -134,6 +134,19 @@ def test_fp16_fix_config_is_kept(pipe, tmp_path):
     loaded = load_pipeline("toy:sd15", vae=tmp_path / "fix")
     assert loaded.vae.config.force_upcast is False
     assert not needs_upcast(loaded.vae.half(), "cpu")
+    other.save_pretrained(tmp_path / "fp16-only", variant="fp16")  # a folder with only the fp16 weights
+    _check_replaced(load_pipeline("toy:sd15", vae=tmp_path / "fp16-only"), other, pipe)
+
+
+def test_vae_from_a_whole_checkpoint(pipe, tmp_path):
+    """A full single-file checkpoint given as --vae: its first_stage_model.* part, the rest not even read."""
+    from spo.formats.single_file import save_single_file
+
+    other = _other_vae(pipe)
+    donor = copy.copy(pipe)
+    donor.vae = other
+    path = save_single_file(donor, tmp_path / "model.safetensors")
+    _check_replaced(load_pipeline("toy:sd15", vae=path), other, pipe)
 
 
 def _real(family):
@@ -187,4 +200,7 @@ def test_generate_and_train_take_vae(pipe, tmp_path):
     assert main(common + ["--vae", str(tmp_path / "vae"), "--out", str(tmp_path / "other")]) == 0
     own, theirs = (np.asarray(Image.open(next((tmp_path / d).glob("*.png")))) for d in ("own", "other"))
     assert own.shape == theirs.shape and not np.array_equal(own, theirs)
+    png = next((tmp_path / "other").glob("*.png"))
+    assert "VAE: vae" in Image.open(png).text["parameters"]  # A1111's infotext key
+    assert json.loads((tmp_path / "other" / "index.json").read_text())["images"][0]["vae"] == str(tmp_path / "vae")
     assert build_config(overrides={"vae": str(tmp_path / "vae")}, cls=SPOConfig).vae == str(tmp_path / "vae")

@@ -92,10 +92,13 @@ def _from_folder(path: Path, pipe, dtype: torch.dtype):
         raise SpoInputError(f"VAE {path}: a {config.get('_class_name')}, not an AutoencoderKL (the VAE type SD1.5 "
                             "and SDXL use)")
     check_fits(config, dict(pipe.vae.config), pipe.unet.config.in_channels, str(path))
-    if not any((path / name).is_file() for name in WEIGHT_NAMES):
+    found = [name for name in WEIGHT_NAMES if (path / name).is_file()]
+    if not found:
         raise SpoInputError(f"VAE {path}: no diffusion_pytorch_model.safetensors weights in it")
+    variant = "fp16" if found == [WEIGHT_NAMES[1]] else None  # a folder holding only the fp16 variant
     try:
-        return AutoencoderKL.from_pretrained(path, local_files_only=True, torch_dtype=dtype, use_safetensors=True)
+        return AutoencoderKL.from_pretrained(path, local_files_only=True, torch_dtype=dtype, use_safetensors=True,
+                                             variant=variant)
     except (OSError, ValueError, RuntimeError) as exc:  # torn or mismatched weights
         raise SpoInputError(f"VAE {path}: cannot load it ({str(exc).strip().splitlines()[0][:160]})") from None
 
@@ -104,7 +107,7 @@ def _from_file(path: Path, pipe, dtype: torch.dtype):
     """A standalone VAE file, built on the base VAE's config; the original layout converted by diffusers."""
     from diffusers import AutoencoderKL
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
     from spo.models.checkpoint import read_keys_and_shapes
 
@@ -115,15 +118,16 @@ def _from_file(path: Path, pipe, dtype: torch.dtype):
         raise SpoInputError(f"VAE {path}: not a VAE file (no decoder.conv_in.weight)")
     config = dict(pipe.vae.config)
     check_fits({**config, "latent_channels": conv_in[1]}, config, pipe.unet.config.in_channels, str(path))
-    state = {k[len(prefix):]: v for k, v in load_file(str(path)).items() if k.startswith(prefix)}
-    if not any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in state):
-        state = convert_ldm_vae_checkpoint(state, config)
+    with safe_open(str(path), framework="pt") as f:  # only the VAE's tensors, also from a whole checkpoint
+        state = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
     vae = AutoencoderKL.from_config(config)
     try:
+        if not any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in state):
+            state = convert_ldm_vae_checkpoint(state, config)
         vae.load_state_dict(state, strict=True)
-    except RuntimeError as exc:  # missing / unexpected keys, shape mismatches: another architecture
-        raise SpoInputError(f"VAE {path}: does not fit this model's VAE ({str(exc).strip().splitlines()[1][:160]})"
-                            ) from None
+    except (RuntimeError, KeyError, IndexError, ValueError) as exc:  # missing keys, shapes: another architecture
+        detail = [ln.strip() for ln in str(exc).strip().splitlines()][-1]
+        raise SpoInputError(f"VAE {path}: does not fit this model's VAE ({detail[:160]})") from None
     return vae.to(dtype=dtype).eval()
 
 

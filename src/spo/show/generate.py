@@ -232,6 +232,7 @@ class Generator:
         from spo.models.loading import load_pipeline
 
         self.model = str(model)
+        self.vae = str(vae) if vae else None
         self.loras = list(loras or [])
         pipe = load_pipeline(model, family, vae=vae, prediction_type=prediction_type)
         if img2img:
@@ -359,6 +360,8 @@ class Generator:
                   "Denoising strength": it.fmt_number(settings.denoise) if settings.denoise is not None else None}
         if self.loras:
             params["Lora hashes"] = it.lora_hashes((s.name, s.hash) for s in self.loras)
+        if self.vae:  # as A1111 writes them (the hash: single files only, like "Model hash")
+            params.update({"VAE hash": model_hash(self.vae), "VAE": Path(self.vae).name})
         params.update(extra or {})
         params["Version"] = f"spo {__version__}"
         return it.build(shown, settings.negative_prompt, params)
@@ -372,7 +375,7 @@ class Generator:
                 "width": size[0], "height": size[1], "model": self.model,
                 "denoise": settings.denoise, "init_image": str(init_image_path) if init_image_path else None,
                 "loras": [{"name": s.name, "path": str(s.path), "strength": v, "hash": s.hash}
-                          for s, v in zip(self.loras, strengths)]}
+                          for s, v in zip(self.loras, strengths)], **({"vae": self.vae} if self.vae else {})}
 
 
 FAMILY_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL"}
