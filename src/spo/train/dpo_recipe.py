@@ -1,9 +1,8 @@
 """Diffusion-DPO (Wallace et al. 2023, arXiv 2311.12908): the main baseline, on offline Pick-a-Pic-schema pairs.
 
-For each pair (winner w, loser l; ties dropped): both images -> VAE (scaled latents); one t ~ U[0, T) and one
-noise shared by the two; noisy latents; the UNet's noise prediction from the trained model and from the frozen
-reference (the same UNet with its LoRA adapters disabled); err = per-sample MSE of the model's prediction against its
-own target (the noise for an epsilon model, v = sqrt(a) eps - sqrt(1 - a) x0 for a v-prediction one);
+For each pair (winner w, loser l; ties dropped): both images -> VAE latents; one t ~ U[0, T) and one noise shared
+by the two; the UNet's prediction from the trained model and the frozen reference (the UNet, adapters disabled);
+err = per-sample MSE against the model's own target (noise; v = sqrt(a) eps - sqrt(1 - a) x0 for v-prediction);
 loss = -log sigmoid(-beta/2 * [(err_theta(w) - err_ref(w)) - (err_theta(l) - err_ref(l))])
 (spo.losses.diffusion_dpo_loss). One label is thus spread over every timestep of the pair, which is what SPO
 replaces with step-wise judgements.
