@@ -88,9 +88,10 @@ def _from_folder(path: Path, pipe, dtype: torch.dtype):
         config = json.loads((path / "config.json").read_text())
     except (OSError, ValueError):
         raise SpoInputError(f"VAE {path}: not a diffusers VAE folder (no readable config.json)") from None
-    if config.get("_class_name") != "AutoencoderKL":
-        raise SpoInputError(f"VAE {path}: a {config.get('_class_name')}, not an AutoencoderKL (the VAE type SD1.5 "
-                            "and SDXL use)")
+    kind = config.get("_class_name") if isinstance(config, dict) else None
+    if kind != "AutoencoderKL":  # AutoencoderTiny, the 16-channel VAEs of newer models, ...
+        raise SpoInputError(f"VAE {path}: {f'a {kind}' if kind else 'no model class in config.json'}, not an "
+                            "AutoencoderKL (the VAE type SD1.5 and SDXL use)")
     check_fits(config, dict(pipe.vae.config), pipe.unet.config.in_channels, str(path))
     found = [name for name in WEIGHT_NAMES if (path / name).is_file()]
     if not found:
