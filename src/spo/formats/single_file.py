@@ -219,8 +219,9 @@ def pipeline_to_original(pipe, dtype: torch.dtype | None = None) -> dict[str, to
             out[new] = cast(torch.cat(parts, 0))
     from spo.models.prediction import scheduler_to_markers
 
-    for key in scheduler_to_markers(pipe.scheduler.config):  # v_pred / ztsnr: how A1111 and ComfyUI tell
-        out[key] = torch.zeros(0)
+    scheduler = getattr(pipe, "scheduler", None)  # bare component sets (meta-device layout checks) have none
+    for key in scheduler_to_markers(scheduler.config if scheduler is not None else {}):
+        out[key] = torch.zeros(0)  # v_pred / ztsnr: how A1111 and ComfyUI tell
     return out
 
 
