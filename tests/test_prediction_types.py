@@ -170,7 +170,8 @@ def test_spo_on_a_v_prediction_toy_matches_the_epsilon_toy():
 
     from spo.sources import get
     from spo.train.config import build_config
-    from spo.train.spo_recipe import collect_pairs, load_preference, pair_losses
+    from spo.train.spo_recipe import load_preference, pair_losses
+    from spo.train.spo_round import collect_pairs
 
     cfg = build_config("toy-sd15", overrides=dict(k=3, num_steps=6, divert_start_step=2, threshold=0.0))
     prompts = get("toy:sd15").training_prompts(0)[:2]

@@ -14,7 +14,8 @@ from spo.models.loading import load_pipeline
 from spo.sampling.resampler import sample_pairs, schedule
 from spo.train.config import build_config
 from spo.train.finetune import add_lora, reference_model
-from spo.train.spo_recipe import make_judge, pair_losses, train
+from spo.train.spo_recipe import pair_losses, train
+from spo.train.spo_round import make_judge
 
 pytestmark = pytest.mark.slow  # integration: real training runs or subprocess chains
 
@@ -234,7 +235,8 @@ def test_one_round_follows_the_official_update_structure(tmp_path):
     of B; each train batch is one AdamW step on its mean loss (no clipping). So one round takes ceil(K/B) optimizer
     steps, and the LoRA ends where a plain loop written from that description ends."""
     from spo.train.finetune import continue_lora, epoch_order, item_generators, save_lora
-    from spo.train.spo_recipe import collect_pairs, load_training_prompts
+    from spo.train.spo_recipe import load_training_prompts
+    from spo.train.spo_round import collect_pairs
 
     pipe = load_pipeline("toy:sd15")
     cfg = build_config("toy-sd15", overrides=dict(k=3, max_prompts=2, sample_batch_size=2, num_steps=6,

@@ -32,7 +32,6 @@ from spo.train.config import SPOConfig
 from spo.train.engine import Run, fit, open_run
 from spo.train.finetune import FinetuneMethod, item_generators, setup_unet, validation_prompts
 from spo.train.spo_round import canonical_order, collect_pairs, gather_pairs, round_train_batches
-from spo.train.spo_round import make_judge  # noqa: F401 (part of the recipe's API: tests and benchmarks use it)
 
 
 # ---------------------------------------------------------------------------------------------- math
