@@ -19,7 +19,8 @@ from spo.spm.model import (
 )
 from spo.losses import preference_loss
 from spo.train.engine import learning_rate_factor as warmup_factor
-from spo.train.spm_recipe import stream_indices, threshold_labels
+from spo.train.pair_batches import stream_indices
+from spo.train.spm_recipe import threshold_labels
 
 PROMPTS = ["a red circle on a white background", "a small blue square at the top left", "a green triangle"]
 

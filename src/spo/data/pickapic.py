@@ -2,7 +2,8 @@
 
 Columns: ``caption`` (str), ``jpg_0`` / ``jpg_1`` (encoded image bytes), ``label_0`` / ``label_1``
 (floats summing to 1; 0.5/0.5 is a tie), and optional ids ``are_different``, ``image_0_uid``,
-``image_1_uid``, ``user_id``, ``ranking_id``.
+``image_1_uid``, ``user_id``, ``ranking_id`` (and Pick-a-Pic v2's ``has_label``, ``best_image_uid``, ``model_0``,
+``model_1``). This module reads a set into memory; spo.data.stream reads one of any size row group by row group.
 
 Inputs may be parquet files, directories (every ``*.parquet`` below them, sorted), or a folder
 written by ``datasets.Dataset.save_to_disk`` (``dataset_info.json``/``state.json`` beside
@@ -33,7 +34,8 @@ from spo.errors import SpoInputError
 from spo.io import atomic_path
 
 REQUIRED_COLUMNS: tuple[str, ...] = ("caption", "jpg_0", "jpg_1", "label_0", "label_1")
-OPTIONAL_COLUMNS: tuple[str, ...] = ("are_different", "image_0_uid", "image_1_uid", "user_id", "ranking_id")
+OPTIONAL_COLUMNS: tuple[str, ...] = ("are_different", "image_0_uid", "image_1_uid", "user_id", "ranking_id",
+                                     "has_label", "best_image_uid", "model_0", "model_1")  # the last four: v2
 LABEL_TOLERANCE = 1e-3
 _BATCH_ROWS = 256
 
@@ -43,6 +45,10 @@ _OPTIONAL_TYPES: dict[str, pa.DataType] = {
     "image_1_uid": pa.string(),
     "user_id": pa.int64(),
     "ranking_id": pa.int64(),
+    "has_label": pa.bool_(),
+    "best_image_uid": pa.string(),
+    "model_0": pa.string(),
+    "model_1": pa.string(),
 }
 _REQUIRED_TYPES: dict[str, pa.DataType] = {
     "caption": pa.string(),
@@ -120,6 +126,7 @@ class ReadSummary:
     ties: int = 0
     skipped: Counter = field(default_factory=Counter)
     bad_rows: list[BadRow] = field(default_factory=list)
+    filtered: Counter = field(default_factory=Counter)  # good rows left out on request (spo.data.stream's filters)
 
     @property
     def rows_skipped(self) -> int:
@@ -132,6 +139,8 @@ class ReadSummary:
             f"file{'s' if n_files != 1 else ''}; kept {self.pairs_kept} preference pair"
             f"{'s' if self.pairs_kept != 1 else ''} ({self.ties} tie{'s' if self.ties != 1 else ''})"
         )
+        if self.filtered:
+            text += "; left out " + ", ".join(f"{n} {why}" for why, n in sorted(self.filtered.items()))
         if not self.rows_skipped:
             return text + "; skipped none."
         reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items(), key=lambda kv: (-kv[1], kv[0])))
@@ -181,7 +190,7 @@ def read_pairs(
     """Read preference pairs from parquet files, directories of them, or a save_to_disk folder."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
-    files = _resolve_files(list(paths))
+    files = resolve_files(list(paths))
     summary = ReadSummary(files=[str(f) for f, _ in files])
     pairs: list[PreferencePair] = []
     for file, kind in files:
@@ -224,7 +233,7 @@ def _arrow_files(folder: Path) -> list[Path]:
     return sorted(folder.glob("*.arrow"))
 
 
-def _resolve_files(paths: list[str | os.PathLike]) -> list[tuple[Path, str]]:
+def resolve_files(paths: list[str | os.PathLike]) -> list[tuple[Path, str]]:
     if not paths:
         raise SpoInputError("no preference-pair input given")
     out: list[tuple[Path, str]] = []
@@ -260,15 +269,15 @@ def _open_batches(file: Path, kind: str) -> tuple[pa.Schema, Iterator[pa.RecordB
             pf = pq.ParquetFile(file)
             schema = pf.schema_arrow
             wanted = [c for c in (*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS) if c in schema.names]
-            _check_columns(file, schema)
+            check_columns(file, schema)
             return schema, pf.iter_batches(batch_size=_BATCH_ROWS, columns=wanted)
         try:
             reader = ipc.open_stream(pa.memory_map(str(file)))
         except pa.ArrowInvalid:
             reader = ipc.open_file(pa.memory_map(str(file)))
-            _check_columns(file, reader.schema)
+            check_columns(file, reader.schema)
             return reader.schema, (reader.get_batch(i) for i in range(reader.num_record_batches))
-        _check_columns(file, reader.schema)
+        check_columns(file, reader.schema)
         return reader.schema, iter(reader)
     except SpoInputError:
         raise
@@ -276,7 +285,7 @@ def _open_batches(file: Path, kind: str) -> tuple[pa.Schema, Iterator[pa.RecordB
         raise SpoInputError(f"cannot read {file} as {kind}: {exc}") from None
 
 
-def _check_columns(file: Path, schema: pa.Schema) -> None:
+def check_columns(file: Path, schema: pa.Schema) -> None:
     missing = [c for c in REQUIRED_COLUMNS if c not in schema.names]
     if missing:
         raise SpoInputError(
@@ -292,13 +301,13 @@ def _read_file(file: Path, kind: str, summary: ReadSummary) -> Iterator[Preferen
             cols = {name: batch.column(name).to_pylist() for name in batch.schema.names}
             for i in range(batch.num_rows):
                 summary.rows_read += 1
-                yield _make_pair(file, row, {name: values[i] for name, values in cols.items()})
+                yield make_pair(file, row, {name: values[i] for name, values in cols.items()})
                 row += 1
     except (pa.ArrowException, OSError) as exc:
         raise SpoInputError(f"cannot read {file} at row {row}: {exc}") from None
 
 
-def _image_bytes(value: Any) -> bytes | None:
+def image_bytes(value: Any) -> bytes | None:
     if isinstance(value, dict):  # datasets Image feature: {"bytes": ..., "path": ...}
         value = value.get("bytes")
     if isinstance(value, (bytes, bytearray, memoryview)):
@@ -306,8 +315,29 @@ def _image_bytes(value: Any) -> bytes | None:
     return None
 
 
-def _make_pair(file: Path, row: int, values: dict[str, Any]) -> PreferencePair | BadRow:
+def make_pair(file: Path, row: int, values: dict[str, Any]) -> PreferencePair | BadRow:
+    """The pair of one row's column values, or why the row cannot be used."""
     src = str(file)
+    text = check_text(src, row, values)
+    if isinstance(text, BadRow):
+        return text
+    caption, labels = text
+    images = []
+    for name in ("jpg_0", "jpg_1"):
+        data = image_bytes(values.get(name))
+        if data is None:
+            return BadRow(src, row, REASON_MISSING_IMAGE, f"{name} is missing or empty")
+        problem = verify_image(data)
+        if problem:
+            return BadRow(src, row, REASON_BAD_IMAGE, f"{name} is not a decodable image ({problem})")
+        images.append(data)
+
+    ids = {k: values[k] for k in OPTIONAL_COLUMNS if k in values}
+    return PreferencePair(caption, images[0], images[1], labels[0], labels[1], src, row, ids)
+
+
+def check_text(src: str, row: int, values: dict[str, Any]) -> tuple[str, list[float]] | BadRow:
+    """(caption, [label_0, label_1]) of a row, or why they are unusable: the checks that need no image."""
     caption = values.get("caption")
     if not isinstance(caption, str) or not caption.strip():
         return BadRow(src, row, REASON_EMPTY_CAPTION, "empty or missing caption")
@@ -324,22 +354,10 @@ def _make_pair(file: Path, row: int, values: dict[str, Any]) -> PreferencePair |
         return BadRow(
             src, row, REASON_BAD_LABELS, f"labels {labels[0]} + {labels[1]} = {labels[0] + labels[1]} do not sum to 1"
         )
-
-    images = []
-    for name in ("jpg_0", "jpg_1"):
-        data = _image_bytes(values.get(name))
-        if data is None:
-            return BadRow(src, row, REASON_MISSING_IMAGE, f"{name} is missing or empty")
-        problem = _verify_image(data)
-        if problem:
-            return BadRow(src, row, REASON_BAD_IMAGE, f"{name} is not a decodable image ({problem})")
-        images.append(data)
-
-    ids = {k: values[k] for k in OPTIONAL_COLUMNS if k in values}
-    return PreferencePair(caption, images[0], images[1], labels[0], labels[1], src, row, ids)
+    return caption, labels
 
 
-def _verify_image(data: bytes) -> str | None:
+def verify_image(data: bytes) -> str | None:
     from PIL import Image
 
     try:

@@ -50,7 +50,7 @@ class RunConfig:
     RESUMABLE: ClassVar[tuple[str, ...]] = (
         "output_dir", "resume", "report_to", "progress", "cpu", "keep_checkpoints", "log_every",
         "checkpoint_every_batches", "checkpoint_every_steps", "save_every_epochs", "validation_images", "epochs",
-        "max_train_steps", "train_micro_batch", "gradient_checkpointing")
+        "max_train_steps", "train_micro_batch", "gradient_checkpointing", "num_workers")
 
     base: str = opt(DEFAULT_SOURCE, "base model: a built-in name (the embedded toy models), a diffusers folder or a "
                                     "single-file checkpoint (.safetensors)")
@@ -137,6 +137,14 @@ class PairsConfig:
                                     "it / (train_batch_size x processes) (0: off, the accumulation as given)")
     scale_lr: bool = opt(False, "learning_rate is per pair: the run's lr is it x the pairs per optimizer step "
                                 "(train_batch_size x accumulation x processes), as Diffusion-DPO's --scale_lr")
+    num_workers: int = opt(0, "DataLoader workers decoding and resizing images (0: in the training process; the "
+                              "batches are the same either way)")
+    shuffle_buffer_mb: int = opt(512, "image bytes held at once per process: the data order shuffles within windows "
+                                      "of this size (a set that fits is shuffled whole)")
+    drop_ties: bool = opt(False, "leave out pairs labelled 0.5/0.5 (counted)")
+    drop_same: bool = opt(False, "leave out pairs whose are_different is false (counted)")
+    drop_unlabelled: bool = opt(False, "leave out pairs whose has_label is false (Pick-a-Pic v2; counted)")
+    data_in_memory: bool = opt(False, "read every pair into memory first (the former path; small sets only)")
 
 
 @dataclass
@@ -301,6 +309,9 @@ def _checks(cfg: RunConfig) -> list[tuple[bool, str, str]]:
                    f"must be a multiple of train_batch_size {cfg.train_batch_size}"),
                   (not cfg.global_batch_size or cfg.gradient_accumulation_steps == 1, "gradient_accumulation_steps",
                    "must be 1 when global_batch_size sets it")]
+    if isinstance(cfg, PairsConfig):
+        rules += [(cfg.num_workers >= 0, "num_workers", "must be >= 0"),
+                  (cfg.shuffle_buffer_mb > 0, "shuffle_buffer_mb", "must be positive")]
     if isinstance(cfg, SPMConfig):
         rules += [(getattr(cfg, k) > 0, k, "must be positive") for k in ("max_train_steps", "log_every")]
         rules += [(1 <= cfg.max_t <= NUM_TRAIN_TIMESTEPS, "max_t", f"must be in [1, {NUM_TRAIN_TIMESTEPS}]"),

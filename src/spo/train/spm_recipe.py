@@ -23,24 +23,12 @@ from spo.errors import SpoInputError
 from spo.losses import preference_loss
 from spo.train.config import SPMConfig, describe_batch, for_processes
 from spo.train.engine import Method, Run, fit, open_run
+from spo.train.pair_batches import Layout, each_pair, pair_labels, train_batches
 
 SPM_DIR = "spm"
 
 
 # ------------------------------------------------------------------------------------------- data
-def stream_indices(n: int, seed: int, start: int, count: int) -> list[int]:
-    """Items start..start+count-1 of the endless stream of per-epoch permutations of range(n)."""
-    out = []
-    pos = start
-    while len(out) < count:
-        epoch, offset = divmod(pos, n)
-        perm = np.random.default_rng([seed, epoch]).permutation(n)
-        take = min(count - len(out), n - offset)
-        out.extend(int(i) for i in perm[offset:offset + take])
-        pos += take
-    return out
-
-
 def batch_seed(seed: int, batch: int, process: int) -> int:
     return (seed * 1_000_003 + batch) * 1_009 + process
 
@@ -53,19 +41,22 @@ def threshold_labels(score0: torch.Tensor, score1: torch.Tensor, threshold: floa
     return label0, 1.0 - label0
 
 
-def relabel_pairs(scorer, pairs, side: int, threshold: float, device, chunk: int = 16) -> tuple[list[float], list[float]]:
-    """Clean-image labels from a scorer at t = 0 (deterministic, so computed once before training)."""
+def relabel_pairs(scorer, items, labels, side: int, threshold: float, device, chunk: int = 16) -> tuple:
+    """Clean-image labels from a scorer at t = 0 (deterministic, so computed once before training) for the
+    (row, pair) `items`; rows not given (unreadable images) keep `labels`."""
+    from itertools import islice
+
     from spo.spm.scoring import score_images
 
-    l0, l1 = [], []
-    for s in range(0, len(pairs), chunk):
-        idx = list(range(s, min(len(pairs), s + chunk)))
-        a, b, prompts = pair_tensors(pairs, idx, side)
-        t = torch.zeros(len(idx), dtype=torch.long, device=device)
+    l0, l1 = np.array(labels[0], dtype=np.float64), np.array(labels[1], dtype=np.float64)
+    items = iter(items)
+    while part := list(islice(items, chunk)):
+        rows, pairs = [r for r, _ in part], [p for _, p in part]
+        a, b, prompts = pair_tensors(pairs, range(len(pairs)), side)
+        t = torch.zeros(len(pairs), dtype=torch.long, device=device)
         x, y = threshold_labels(score_images(scorer, a.to(device), prompts, t, chunk),
                                 score_images(scorer, b.to(device), prompts, t, chunk), threshold)
-        l0 += x.tolist()
-        l1 += y.tolist()
+        l0[rows], l1[rows] = x.cpu().double().numpy(), y.cpu().double().numpy()
     return l0, l1
 
 
@@ -98,9 +89,9 @@ def build_spm(init: str, time_conditioning: bool, family: str | None, base: str 
 class SPMMethod(Method):
     name, unit, weights = "spm", "batch", "SPM"
 
-    def __init__(self, cfg: SPMConfig, pipe, pairs, labels, weights, side: int, world: int, rank: int):
-        self.cfg, self.pipe, self.pairs, self.labels, self.example_weights = cfg, pipe, pairs, labels, weights
-        self.side, self.world, self.rank = side, world, rank
+    def __init__(self, cfg: SPMConfig, pipe, batches, world: int, rank: int, summary):
+        self.cfg, self.pipe, self.batches, self.world, self.rank = cfg, pipe, batches, world, rank
+        self.summary, self._loader, self._next = summary, None, None  # rows found unusable when read: counted there
 
     def batches_per_epoch(self) -> int:
         return self.cfg.max_train_steps * self.cfg.gradient_accumulation_steps
@@ -116,17 +107,17 @@ class SPMMethod(Method):
         from spo.spm.denoise import predicted_pair_images
 
         cfg, m, device = self.cfg, run.progress.iteration, run.device
-        per_batch = cfg.train_batch_size * self.world
-        idx = stream_indices(len(self.pairs), cfg.seed, m * per_batch, per_batch)
-        idx = idx[self.rank * cfg.train_batch_size:(self.rank + 1) * cfg.train_batch_size]
+        batch = self._batch(m)
+        img0, img1, prompts = batch["img0"], batch["img1"], batch["prompts"]
         gen = torch.Generator(device=device).manual_seed(batch_seed(cfg.seed, m, self.rank))
-        img0, img1, prompts = pair_tensors(self.pairs, idx, self.side)
-        t = torch.randint(0, cfg.max_t, (len(idx),), generator=gen, device=device)
-        x0, x1 = predicted_pair_images(self.pipe, img0, img1, prompts, t, gen, cfg.cfg_scale, cfg.guidance_rescale)
-        l0 = torch.tensor([self.labels[0][i] for i in idx], device=device)
-        l1 = torch.tensor([self.labels[1][i] for i in idx], device=device)
-        w = torch.tensor([self.example_weights[i] for i in idx], device=device)
+        t = torch.randint(0, cfg.max_t, (len(prompts),), generator=gen, device=device)
+        l0, l1, w = (batch[k].to(device) for k in ("label_0", "label_1", "weight"))
         run.fire("batch_ready")
+        if not prompts:  # every pair of this share unreadable: a zero gradient keeps the processes in step
+            with run.no_sync(True, sync_now):
+                run.accelerator.backward(sum(p.sum() for p in run.params) * 0.0)
+            return {"loss": 0.0, "pairs": 0, "batch_accuracy": float("nan")}
+        x0, x1 = predicted_pair_images(self.pipe, img0, img1, prompts, t, gen, cfg.cfg_scale, cfg.guidance_rescale)
         with run.no_sync(True, sync_now):
             with run.accelerator.autocast():
                 scores = run.module(torch.cat([x0, x1]), prompts * 2, torch.cat([t, t]))
@@ -135,8 +126,21 @@ class SPMMethod(Method):
             run.accelerator.backward(loss / cfg.gradient_accumulation_steps)
         decided = l0 != l1
         correct = ((s0 > s1) == (l0 > l1))[decided]
-        return {"loss": loss.item(), "pairs": len(idx),
+        return {"loss": loss.item(), "pairs": len(prompts),
                 "batch_accuracy": float(correct.float().mean()) if len(correct) else float("nan")}
+
+    def _batch(self, m: int) -> dict:
+        """Batch m from the data loader (started at the first batch this run trains: a resume's)."""
+        from spo.train.pair_batches import loader
+
+        if self._next != m:
+            self._loader = loader(self.batches, m, self.cfg.num_workers)
+        batch = next(self._loader)
+        self._next = m + 1
+        for reason, text in batch["skipped"]:
+            self.summary.skipped[reason] += 1
+            print(f"skipped {text}")
+        return batch
 
     def postfix(self, stats: dict) -> dict:
         return {"loss": f"{stats['loss']:.4f}", "lr": f"{stats.get('lr', 0):.2e}"}
@@ -144,21 +148,27 @@ class SPMMethod(Method):
 
 # ------------------------------------------------------------------------------------------- training
 def load_data(cfg: SPMConfig):
+    """The pairs' index (streamed when trained), or with data_in_memory the pairs themselves; and the summary."""
     from spo.data.pickapic import read_pairs
+    from spo.data.stream import build_index, filter_pairs, filters_of
 
-    pairs, summary = read_pairs(cfg.data)
+    if cfg.data_in_memory:
+        data, summary = read_pairs(cfg.data)
+        data = filter_pairs(data, filters_of(cfg), summary)
+    else:
+        data = build_index(cfg.data, filters_of(cfg), cfg.shuffle_buffer_mb << 20)
+        summary = data.summary
     where = ", ".join(map(str, cfg.data)) or "(no data given)"
-    if not pairs:
+    if not len(data):
         raise SpoInputError(f"no usable preference pairs in {where}: {summary.describe()}")
     print(summary.describe())  # rows skipped (corrupt images, bad labels) are counted and said, never silent
-    return pairs, summary
+    return data, summary
 
 
 def train(cfg: SPMConfig) -> dict:
     """Train an SPM; writes <out>/spm (the model), <out>/checkpoints, <out>/logs. Returns the summary."""
     from accelerate.utils import set_seed
 
-    from spo.data.pickapic import examples_per_prompt
     from spo.models.family import family_of, native_resolution
     from spo.models.loading import load_pipeline
     from spo.spm.denoise import freeze
@@ -170,18 +180,18 @@ def train(cfg: SPMConfig) -> dict:
     with run:
         cfg = run.cfg = for_processes(cfg, run.accelerator.num_processes)  # before anything reads the batch or lr
         print(describe_batch(cfg, run.accelerator.num_processes))
-        pairs, summary = load_data(cfg)  # before the model: bad data fails in a second and leaves no folder
+        data, summary = load_data(cfg)  # before the model: bad data fails in a second and leaves no folder
         pipe = load_pipeline(cfg.base, vae=cfg.vae, prediction_type=cfg.prediction_type)  # before the folder: a VAE that does not fit leaves none behind
         run.create_output_dir()
         freeze(pipe)
         pipe.to(run.device)
         family, side = family_of(pipe), native_resolution(pipe)
-        labels, relabel_info = ([p.label_0 for p in pairs], [p.label_1 for p in pairs]), None
+        labels, relabel_info = pair_labels(data), None
         if cfg.relabel_with:
             from spo.spm.scoring import load_scorer
 
             scorer = load_scorer(cfg.relabel_with, device=run.device)
-            labels = relabel_pairs(scorer, pairs, side, cfg.relabel_threshold, run.device)
+            labels = relabel_pairs(scorer, each_pair(data), labels, side, cfg.relabel_threshold, run.device)
             del scorer
             relabel_info = {"scorer": cfg.relabel_with, "threshold": cfg.relabel_threshold,
                             "ties": int(sum(a == 0.5 for a in labels[0]))}
@@ -193,13 +203,15 @@ def train(cfg: SPMConfig) -> dict:
         spm.train()
         run.attach(spm, [p for p in spm.parameters() if p.requires_grad], total_steps=cfg.max_train_steps)
         start_step = run.progress.step
-        method = SPMMethod(cfg, pipe, pairs, labels, examples_per_prompt(pairs), side, run.accelerator.num_processes,
-                           run.accelerator.process_index)
+        world, rank = run.accelerator.num_processes, run.accelerator.process_index
+        batches = train_batches(data, labels, cfg.seed, Layout(cfg.train_batch_size, world, rank), side,
+                                cfg.max_train_steps * cfg.gradient_accumulation_steps, cfg.shuffle_buffer_mb << 20)
+        method = SPMMethod(cfg, pipe, batches, world, rank, summary)
         fit(run, method)
         losses = [h["loss"] for h in run.history]
         result = {
-            "steps": cfg.max_train_steps, "resumed_from_step": start_step, "pairs": len(pairs), "ties": summary.ties,
-            "skipped_rows": summary.rows_read - summary.pairs_kept, "data": [str(f) for f in summary.files],
+            "steps": cfg.max_train_steps, "resumed_from_step": start_step, "pairs": len(data), "ties": summary.ties,
+            "skipped_rows": summary.rows_skipped, "filtered_rows": dict(summary.filtered), "data": [str(f) for f in summary.files],
             "family": family, "base_model": cfg.base, "time_conditioning": cfg.time_conditioning,
             "processes": run.accelerator.num_processes, "relabel": relabel_info, "config": run.summary()["config"],
             "final_loss_mean_last_10": float(np.mean(losses[-10 * cfg.gradient_accumulation_steps:])) if losses else None,
