@@ -152,8 +152,10 @@ class ReadSummary:
 # ----------------------------------------------------------------------------------------------- writing
 
 
-def write_pairs(path: str | os.PathLike, pairs_rows: Sequence[dict[str, Any] | PreferencePair]) -> Path:
-    """Write rows (dicts with the Pick-a-Pic columns, or PreferencePair) to one parquet file, atomically."""
+def write_pairs(path: str | os.PathLike, pairs_rows: Sequence[dict[str, Any] | PreferencePair],
+                rows_per_group: int | None = None) -> Path:
+    """Write rows (dicts with the Pick-a-Pic columns, or PreferencePair) to one parquet file, atomically
+    (`rows_per_group`: parquet row groups of that many rows; default one)."""
     path = Path(path)
     rows = [r.to_row() if isinstance(r, PreferencePair) else dict(r) for r in pairs_rows]
     for i, row in enumerate(rows):
@@ -177,7 +179,7 @@ def write_pairs(path: str | os.PathLike, pairs_rows: Sequence[dict[str, Any] | P
         fields.append(pa.field(name, arr.type))
     table = pa.Table.from_arrays(arrays, schema=pa.schema(fields))
     with atomic_path(path, suffix=".parquet") as tmp:
-        pq.write_table(table, tmp)
+        pq.write_table(table, tmp, row_group_size=rows_per_group)
     return path
 
 

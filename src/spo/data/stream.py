@@ -364,6 +364,11 @@ def skipped_text(counts: Counter) -> str:
     return ", ".join(f"{n} {why}" for why, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))) or "none"
 
 
+def buffer_bytes(cfg) -> int:
+    """The shuffle buffer a config (spo.train.config.PairsConfig) asks for, in bytes."""
+    return int(cfg.shuffle_buffer_mb * 2**20)
+
+
 def filters_of(cfg) -> Filters:
     """The filters a config (spo.train.config.PairsConfig) asks for."""
     return Filters(cfg.drop_ties, cfg.drop_same, cfg.drop_unlabelled)

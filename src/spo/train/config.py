@@ -139,7 +139,7 @@ class PairsConfig:
                                 "(train_batch_size x accumulation x processes), as Diffusion-DPO's --scale_lr")
     num_workers: int = opt(0, "DataLoader workers decoding and resizing images (0: in the training process; the "
                               "batches are the same either way)")
-    shuffle_buffer_mb: int = opt(512, "image bytes held at once per process: the data order shuffles within windows "
+    shuffle_buffer_mb: float = opt(512.0, "image bytes held at once per process: the data order shuffles within windows "
                                       "of this size (a set that fits is shuffled whole)")
     drop_ties: bool = opt(False, "leave out pairs labelled 0.5/0.5 (counted)")
     drop_same: bool = opt(False, "leave out pairs whose are_different is false (counted)")

@@ -23,6 +23,7 @@ from spo.errors import SpoInputError
 from spo.losses import preference_loss
 from spo.train.config import SPMConfig, describe_batch, for_processes
 from spo.train.engine import Method, Run, fit, open_run
+from spo.data.stream import buffer_bytes
 from spo.train.pair_batches import Layout, each_pair, pair_labels, train_batches
 
 SPM_DIR = "spm"
@@ -156,7 +157,7 @@ def load_data(cfg: SPMConfig):
         data, summary = read_pairs(cfg.data)
         data = filter_pairs(data, filters_of(cfg), summary)
     else:
-        data = build_index(cfg.data, filters_of(cfg), cfg.shuffle_buffer_mb << 20)
+        data = build_index(cfg.data, filters_of(cfg), buffer_bytes(cfg))
         summary = data.summary
     where = ", ".join(map(str, cfg.data)) or "(no data given)"
     if not len(data):
@@ -205,7 +206,7 @@ def train(cfg: SPMConfig) -> dict:
         start_step = run.progress.step
         world, rank = run.accelerator.num_processes, run.accelerator.process_index
         batches = train_batches(data, labels, cfg.seed, Layout(cfg.train_batch_size, world, rank), side,
-                                cfg.max_train_steps * cfg.gradient_accumulation_steps, cfg.shuffle_buffer_mb << 20)
+                                cfg.max_train_steps * cfg.gradient_accumulation_steps, buffer_bytes(cfg))
         method = SPMMethod(cfg, pipe, batches, world, rank, summary)
         fit(run, method)
         losses = [h["loss"] for h in run.history]
