@@ -181,14 +181,17 @@ def _pairs(path: Path) -> Path:
     rows = [{"caption": s.caption, "jpg_0": png(render(s, CLEAN, seed=i)),
              "jpg_1": png(render(s, sample_defects(rng, 0.9), seed=i)), "label_0": 1.0, "label_1": 0.0}
             for i, s in enumerate(sample_scenes(6, seed=1))]
-    write_pairs(path, rows)
+    write_pairs(path, rows, rows_per_group=2)  # three units, read one window at a time (see the buffer below)
     return path
 
 
 def test_spm_train_survives_kills(tmp_path):
     data = _pairs(tmp_path / "pairs.parquet")
     args = ["spm", "train", str(data), "--steps", "4", "--batch-size", "2", "--lr", "1e-3", "--warmup", "2",
-            "--seed", "5", "--checkpoint-every", "1", "--keep-checkpoints", "2", "--cpu", "--no-progress"]
+            "--seed", "5", "--checkpoint-every", "1", "--keep-checkpoints", "2", "--cpu", "--no-progress",
+            # streamed: a buffer smaller than a row group (one unit a window) and a DataLoader worker, so the
+            # resumes restart mid-epoch, mid-window, and the stream must continue exactly where it was
+            "--shuffle-buffer-mb", "0.001", "--num-workers", "1"]
     ref_dir, out = tmp_path / "ref", tmp_path / "run"
     ref = _start(tmp_path, [*args, "--out", str(ref_dir)])
     ckpts = out / "checkpoints"
