@@ -266,3 +266,53 @@ def test_cli_missing_data_and_unwritable_out(pairs_file, tmp_path):
     assert r.returncode == 2 and "spm_config.json" in r.stderr
     r = spo("spm", "eval", str(tmp_path / "nope"), "--data", str(pairs_file), "--timesteps", "0,1000")
     assert r.returncode == 2 and "timesteps" in r.stderr
+
+
+DIST_SCRIPT = """
+import json, os, sys
+from spo.train import pair_batches
+from spo.cli.main import main
+
+seen = []
+read = pair_batches.StreamBatches.__getitem__
+def spy(self, m):  # records what each process trains on; the batch itself is the real one
+    batch = read(self, m)
+    seen.append([m, batch["rows"]])
+    return batch
+pair_batches.StreamBatches.__getitem__ = spy
+code = main(sys.argv[1:])
+with open(os.path.join(sys.argv[sys.argv.index("--out") + 1] + "-seen-" + os.environ.get("RANK", "0")), "w") as f:
+    json.dump(seen, f)
+sys.exit(code)
+"""
+
+
+def test_two_gloo_processes_see_the_pairs_of_one_with_twice_the_batch(pairs_file, tmp_path):
+    """accelerate over torch.distributed (gloo): 2 processes x batch 1 see per step the pairs 1 process x batch 2
+    sees, streamed from a set larger than the shuffle buffer (each process reads its own share of each window).
+    (The weights differ: each process draws its own timesteps and noise, from (seed, batch, process).)"""
+    import os
+
+    from spo.data.pickapic import read_pairs
+
+    groups = tmp_path / "groups.parquet"
+    write_pairs(groups, read_pairs(pairs_file)[0], rows_per_group=3)
+    script = tmp_path / "dist.py"
+    script.write_text(DIST_SCRIPT)
+    args = ["spm", "train", str(groups), "--steps", "10", "--lr", "1e-3", "--warmup", "0", "--seed", "5",
+            "--checkpoint-every", "0", "--cpu", "--no-progress", "--report-to", "none", "--shuffle-buffer-mb", "0.01"]
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          "29547", str(script), *args, "--batch-size", "1", "--out", str(tmp_path / "two")],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run([sys.executable, str(script), *args, "--batch-size", "2", "--out", str(tmp_path / "one")],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    seen = {name: json.loads((tmp_path / name).read_text()) for name in ("two-seen-0", "two-seen-1", "one-seen-0")}
+    whole = seen["one-seen-0"]
+    assert [m for m, _ in whole] == list(range(10)) and all(len(rows) == 2 for _, rows in whole)
+    assert len({r for _, rows in whole for r in rows}) == 16  # 20 pairs drawn: all 16 rows within the first epoch
+    for (m, rows), (m0, r0), (m1, r1) in zip(whole, seen["two-seen-0"], seen["two-seen-1"]):
+        assert m == m0 == m1 and r0 + r1 == rows
+    assert json.loads((tmp_path / "two" / "spm" / "spm_config.json").read_text())["training"]["processes"] == 2
