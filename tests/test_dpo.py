@@ -20,7 +20,8 @@ from spo.losses import diffusion_dpo_loss
 from spo.models.loading import load_pipeline
 from spo.train import dpo_recipe
 from spo.train.config import DPOConfig, build_config, to_dict
-from spo.train.dpo_recipe import load_pairs, pair_losses, prepare_batch, train_dpo
+from spo.train.dpo_data import load_pairs
+from spo.train.dpo_recipe import pair_losses, prepare_batch, train_dpo
 from spo.train.finetune import add_lora, reference_model
 from spo.train.finetune import item_generators as _generators
 

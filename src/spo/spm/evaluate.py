@@ -87,7 +87,6 @@ def evaluate(spm_paths: Sequence[str | Path], data: Sequence[str | Path], *, bas
     `same_judge_alignment` (toy world) keeps only pairs whose two images the judge finds equally aligned with
     the caption, where the judge's own preference (alignment first) is its aesthetic order.
     """
-    from spo.data.pickapic import read_pairs
     from spo.models.family import family_of, native_resolution
     from spo.models.loading import load_pipeline
     from spo.spm.denoise import freeze
@@ -108,12 +107,14 @@ def evaluate(spm_paths: Sequence[str | Path], data: Sequence[str | Path], *, bas
     pipe.to(dev)
     family = family_of(pipe)
     spms = [load_spm(p, family=family, device=dev) for p in spm_paths]
-    pairs, summary = read_pairs(data)
-    chosen = select_pairs(pairs, summary, source, against, min_judge_gap, same_judge_alignment, limit)
-    scores = score_pairs(pipe, spms, chosen["pairs"], timesteps, native_resolution(pipe), dev, seed, batch_size,
-                         cfg_scale, progress)
-    models, paired = compare_models(spm_paths, spms, scores, timesteps, chosen["preferred"])
-    return {"timesteps": timesteps, "n_pairs": len(chosen["pairs"]), "ties_excluded": chosen["ties"],
+    chosen = choose_pairs(data, source, against, min_judge_gap, same_judge_alignment, limit)
+    summary = chosen["summary"]
+    scores, preferred = score_pairs(pipe, spms, chosen["pairs"], chosen["n"], timesteps, native_resolution(pipe),
+                                    dev, seed, batch_size, cfg_scale, progress)
+    if not len(preferred):
+        raise SpoInputError(f"no decided (non-tie) pairs left to evaluate ({summary.describe()})")
+    models, paired = compare_models(spm_paths, spms, scores, timesteps, preferred)
+    return {"timesteps": timesteps, "n_pairs": len(preferred), "ties_excluded": chosen["ties"],
             "against": against, "judge_gap": min_judge_gap, "same_judge_alignment": same_judge_alignment,
             "filtered_by_judge_gap": chosen["filtered"], "base_model": str(base),
             "family": family, "seed": seed, "cfg_scale": cfg_scale, "data": [str(f) for f in summary.files],
@@ -137,6 +138,29 @@ def _check_settings(timesteps, batch_size: int, min_judge_gap, against: str) -> 
     if against not in ("labels", "judge"):
         raise SpoInputError(f"--against must be 'labels' or 'judge', got {against!r}")
     return timesteps
+
+
+def choose_pairs(data, source, against: str, min_judge_gap, same_judge_alignment: bool, limit) -> dict:
+    """What to evaluate, streamed: {"pairs": iterable of (pair, preferred image), "n": how many at most, "summary",
+    "ties", "filtered", "references"}.
+
+    Against the labels only the index is read first (ties are known from it) and the images of the chosen rows are
+    then read once, unit by unit; the toy judge's filters need every pair's images, so they read them into memory.
+    """
+    from spo.data.stream import build_index, iter_pairs
+
+    index = build_index(data)
+    if against == "judge" or min_judge_gap is not None or same_judge_alignment:
+        pairs = [p for _, p in iter_pairs(index)]
+        chosen = select_pairs(pairs, index.summary, source, against, min_judge_gap, same_judge_alignment, limit)
+        return {**chosen, "pairs": list(zip(chosen["pairs"], chosen["preferred"])), "n": len(chosen["pairs"]),
+                "summary": index.summary}
+    decided = np.flatnonzero(~index.ties())
+    rows = decided[:limit] if limit is not None else decided
+    if not len(rows):
+        raise SpoInputError(f"no decided (non-tie) pairs left to evaluate ({index.summary.describe()})")
+    return {"pairs": ((p, p.preferred) for _, p in iter_pairs(index, rows)), "n": len(rows), "references": {},
+            "ties": len(index) - len(decided), "filtered": 0, "summary": index.summary}
 
 
 def select_pairs(pairs, summary, source, against: str, min_judge_gap, same_judge_alignment: bool, limit) -> dict:
@@ -172,33 +196,42 @@ def select_pairs(pairs, summary, source, against: str, min_judge_gap, same_judge
             "filtered": n_filtered}
 
 
-def score_pairs(pipe, spms, decided, timesteps, side: int, dev, seed: int, batch_size: int, cfg_scale: float,
-                progress: bool) -> dict:
-    """{(model index, t): (scores of image 0, scores of image 1)} on the base model's x0-hat at each t."""
+def score_pairs(pipe, spms, items, n: int, timesteps, side: int, dev, seed: int, batch_size: int, cfg_scale: float,
+                progress: bool) -> tuple[dict, np.ndarray]:
+    """{(model index, t): (scores of image 0, scores of image 1)} on the base model's x0-hat at each t, and which
+    image of each pair is preferred, for the (pair, preferred) `items` (about `n` of them), each batch read once."""
+    from itertools import islice
+
     from tqdm.auto import tqdm
 
     from spo.images import pair_tensors
     from spo.spm.denoise import predicted_pair_images
 
     scores = {(m, t): ([], []) for m in range(len(spms)) for t in timesteps}
-    batches = range(0, len(decided), batch_size)
-    bar = tqdm(total=len(timesteps) * len(batches), desc="spm eval", unit="batch", disable=not progress)
+    preferred: list[int] = []
+    bar = tqdm(total=len(timesteps) * math.ceil(n / batch_size), desc="spm eval", unit="batch", disable=not progress)
+    items = iter(items)
     with torch.no_grad():
-        for t in timesteps:
-            for b, start in enumerate(batches):
-                idx = list(range(start, min(len(decided), start + batch_size)))
-                img0, img1, prompts = pair_tensors(decided, idx, side)
-                tt = torch.full((len(idx),), t, dtype=torch.long, device=dev)
+        for b in range(math.ceil(n / batch_size)):
+            part = list(islice(items, batch_size))
+            if not part:
+                break
+            pairs = [p for p, _ in part]
+            preferred += [int(w) for _, w in part]
+            clean0, clean1, prompts = pair_tensors(pairs, range(len(pairs)), side)
+            for t in timesteps:
+                tt = torch.full((len(pairs),), t, dtype=torch.long, device=dev)
+                img0, img1 = clean0, clean1
                 if t > 0:
                     gen = torch.Generator(device=dev).manual_seed((seed * 1_000_003 + t) * 10_007 + b)
-                    img0, img1 = predicted_pair_images(pipe, img0, img1, prompts, tt, gen, cfg_scale)
+                    img0, img1 = predicted_pair_images(pipe, clean0, clean1, prompts, tt, gen, cfg_scale)
                 for m, spm in enumerate(spms):
                     s = spm(torch.cat([img0, img1]).to(dev), prompts * 2, torch.cat([tt, tt])).float().cpu().numpy()
-                    scores[(m, t)][0].extend(s[:len(idx)])
-                    scores[(m, t)][1].extend(s[len(idx):])
+                    scores[(m, t)][0].extend(s[:len(pairs)])
+                    scores[(m, t)][1].extend(s[len(pairs):])
                 bar.update(1)
     bar.close()
-    return {k: (np.array(a), np.array(b)) for k, (a, b) in scores.items()}
+    return {k: (np.array(a), np.array(b)) for k, (a, b) in scores.items()}, np.array(preferred, dtype=int)
 
 
 def compare_models(spm_paths, spms, scores: dict, timesteps, preferred) -> tuple[list[dict], list[dict]]:

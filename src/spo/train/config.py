@@ -137,8 +137,8 @@ class PairsConfig:
                                     "it / (train_batch_size x processes) (0: off, the accumulation as given)")
     scale_lr: bool = opt(False, "learning_rate is per pair: the run's lr is it x the pairs per optimizer step "
                                 "(train_batch_size x accumulation x processes), as Diffusion-DPO's --scale_lr")
-    num_workers: int = opt(0, "DataLoader workers decoding and resizing images (0: in the training process; the "
-                              "batches are the same either way)")
+    num_workers: int = opt(0, "spo spm train: DataLoader workers decoding and resizing images (0: in the training "
+                              "process; the batches are the same either way)")
     shuffle_buffer_mb: float = opt(512.0, "image bytes held at once per process: the data order shuffles within windows "
                                       "of this size (a set that fits is shuffled whole)")
     drop_ties: bool = opt(False, "leave out pairs labelled 0.5/0.5 (counted)")

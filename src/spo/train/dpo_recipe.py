@@ -21,12 +21,14 @@ from pathlib import Path
 
 import torch
 
+from spo.data.stream import buffer_bytes
 from spo.ddim import add_noise, velocity
 from spo.errors import SpoInputError
 from spo.losses import diffusion_dpo_loss
 from spo.models.family import Conditioning, encode, family_of
 from spo.train.config import DPOConfig, describe_batch, for_processes
 from spo.train.engine import Run, fit, open_run
+from spo.train.dpo_data import load_pairs
 from spo.train.finetune import FinetuneMethod, item_generators, setup_unet, validation_prompts
 
 PAIRS_FROM_SOURCE = 512  # pairs made from a built-in base's samples when no --data is given
@@ -34,22 +36,6 @@ PAIRS_FILE = "toy_pairs.parquet"
 
 
 # ---------------------------------------------------------------------------------------------- data
-def load_pairs(paths: list[str], max_pairs: int, log=print) -> list[tuple[str, bytes, bytes]]:
-    """(caption, winner JPEG, loser JPEG) of every non-tie pair, in file order; the first `max_pairs` if set."""
-    from spo.data.pickapic import read_pairs
-
-    pairs, summary = read_pairs(paths)
-    log(summary.describe())
-    where = ", ".join(str(p) for p in paths)
-    if not pairs:
-        raise SpoInputError(f"no usable preference pairs in {where}")
-    kept = [(p.caption, p.image_0, p.image_1) if p.preferred == 0 else (p.caption, p.image_1, p.image_0)
-            for p in pairs if p.preferred is not None]
-    if not kept:
-        raise SpoInputError(f"all {len(pairs)} pairs in {where} are ties; Diffusion-DPO needs a winner and a loser")
-    return kept[:max_pairs] if max_pairs else kept
-
-
 def make_source_pairs(pipe, cfg: DPOConfig, out: Path, log=print) -> list[str]:
     """--data for a built-in base: pairs sampled from the base model and labelled by its rater, made once."""
     from spo.sources import get
@@ -163,7 +149,8 @@ class DPOMethod(FinetuneMethod):
     name, title = "dpo", "Diffusion-DPO"
 
     def __init__(self, cfg: DPOConfig, pipe, family, frozen_copy, items, world: int, rank: int):
-        super().__init__(cfg, pipe, family, frozen_copy, validation_prompts(cfg, [c for c, _, _ in items]))
+        captions = [c for c, _, _ in items] if isinstance(items, list) else items.captions()
+        super().__init__(cfg, pipe, family, frozen_copy, validation_prompts(cfg, captions))
         self.items, self.world, self.rank = items, world, rank
         self.alphas_cumprod = pipe.scheduler.alphas_cumprod.to(pipe.unet.device)
         self.prediction_type = pipe.scheduler.config.prediction_type  # resolved (and checked) by load_pipeline
@@ -171,6 +158,10 @@ class DPOMethod(FinetuneMethod):
     def batches_per_epoch(self) -> int:
         # Full batches only (the official trainer drops the last one too): every process always has a full share.
         return len(self.items) // (self.cfg.train_batch_size * self.world)
+
+    def order(self, n: int, epoch: int) -> torch.Tensor:
+        """In memory: the trainer's shuffle; streamed (spo.train.dpo_data): the stream's block shuffle."""
+        return super().order(n, epoch) if isinstance(self.items, list) else self.items.order(self.cfg.seed, epoch)
 
     def train_batch(self, run: Run, sync_now: bool) -> dict:
         """Backward of sum(pair losses) / (train_batch_size * accumulation) in micro-batches, all-reduced once.
@@ -222,7 +213,7 @@ def train_dpo(cfg: DPOConfig, log=print) -> dict:
     run = open_run(cfg, "dpo", log)
     with run:
         cfg = run.cfg = for_processes(cfg, run.accelerator.num_processes)  # before anything reads the batch or lr
-        items = load_pairs(cfg.data, cfg.max_pairs, log) if cfg.data else None  # before the model: fails in a second
+        items = load_pairs(cfg.data, cfg.max_pairs, log, buffer_bytes(cfg)) if cfg.data else None  # before the model: fails in a second
         set_seed(cfg.seed)
         pipe = load_pipeline(cfg.base, vae=cfg.vae, prediction_type=cfg.prediction_type)
         family = family_of(pipe)
@@ -232,7 +223,7 @@ def train_dpo(cfg: DPOConfig, log=print) -> dict:
             if run.is_main:
                 make_source_pairs(pipe, cfg, run.out, log)
             run.accelerator.wait_for_everyone()
-            items = load_pairs([str(run.out / PAIRS_FILE)], cfg.max_pairs, log)
+            items = load_pairs([str(run.out / PAIRS_FILE)], cfg.max_pairs, log, buffer_bytes(cfg))
         unet, frozen_copy, params = setup_unet(pipe, cfg, family, run.device)
         method = DPOMethod(cfg, pipe, family, frozen_copy, items, run.accelerator.num_processes,
                            run.accelerator.process_index)
