@@ -208,3 +208,45 @@ def test_bad_input_is_a_one_line_error(tmp_path):
         assert result.returncode == 2, (args, result.stderr[-1000:])
         assert len(errors) == 1 and errors[0].startswith("spo dpo: error:") and message in errors[0], (args, errors)
         assert "Traceback" not in result.stderr
+
+
+def test_a_set_larger_than_the_buffer_is_streamed_in_block_order_and_resumes_exactly(tmp_path, monkeypatch):
+    from spo.data.pickapic import read_pairs
+    from spo.train.dpo_data import StreamedItems
+
+    pairs, _ = read_pairs(_write_pairs(tmp_path / "one.parquet"))
+    pairs[4].image_0 = b"not a jpeg"  # a decided pair whose image is found bad only when its window is read
+    data = str(write_pairs(tmp_path / "groups.parquet", pairs, rows_per_group=2))
+    in_memory = load_pairs([data], 0, log=lambda *_: None)
+    streamed = load_pairs([data], 0, log=lambda *_: None, buffer_bytes=1500)
+    assert isinstance(in_memory, list) and isinstance(streamed, StreamedItems)
+    assert len(in_memory) == 8 and len(streamed) == 9  # the bad row is not known yet
+    order = streamed.order(5, 0)
+    assert sorted(order.tolist()) == list(range(9)) and not torch.equal(order, streamed.order(5, 1))
+    seen = [streamed[int(i)] for i in streamed.order(5, 0)]
+    assert set(seen) == set(in_memory) and len(seen) == 9  # the bad row stood in for by a readable one
+    assert streamed.index.summary.skipped == {"undecodable image": 1}
+
+    cfg = dict(TINY, data=[data], epochs=2, shuffle_buffer_mb=1500 / 2**20, checkpoint_every_batches=1)
+    full = train_dpo(build_config("dpo-toy-sd15", overrides=dict(cfg, output_dir=str(tmp_path / "a")), cls=DPOConfig),
+                     log=lambda *_: None)
+    assert full["pairs"] == 9 and full["steps"] == 8
+    calls = {"n": 0}
+    real = dpo_recipe.DPOMethod.train_batch
+
+    def interrupt_after_five(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dpo_recipe.DPOMethod, "train_batch", interrupt_after_five)
+    with pytest.raises(KeyboardInterrupt):
+        train_dpo(build_config("dpo-toy-sd15", overrides=dict(cfg, output_dir=str(tmp_path / "b")), cls=DPOConfig),
+                  log=lambda *_: None)
+    monkeypatch.setattr(dpo_recipe.DPOMethod, "train_batch", real)
+    resumed = train_dpo(build_config("dpo-toy-sd15", overrides=dict(cfg, output_dir=str(tmp_path / "b"), resume=True),
+                                     cls=DPOConfig), log=lambda *_: None)
+    a, b = load_file(full["lora"]), load_file(resumed["lora"])
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=0, rtol=0)
