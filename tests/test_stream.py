@@ -191,3 +191,34 @@ def test_bad_files_same_errors_as_read_pairs(tmp_path):
         with pytest.raises(SpoInputError) as in_memory:
             read_pairs(bad)
         assert str(streamed.value) == str(in_memory.value) and "\n" not in str(streamed.value)
+
+
+def test_spo_data_inspect_through_the_command(tmp_path):
+    import subprocess
+    import sys
+
+    rows = _rows(20)
+    for i, r in enumerate(rows):
+        r.update(are_different=i != 3, has_label=i not in (7, 8))
+    rows[5]["jpg_0"] = b"bad"
+    rows[6]["label_0"] = 0.9  # 0.9 + 0.0: bad labels
+    write_pairs(tmp_path / "data" / "train-00000-of-00002.parquet", rows[:10], rows_per_group=3)
+    write_pairs(tmp_path / "data" / "train-00001-of-00002.parquet", rows[10:], rows_per_group=3)
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "spo", "data", "inspect", str(tmp_path / "data"), "--sample", "6",
+                        "--preview", "3", "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    result = json.loads((out / "inspect.json").read_text())
+    assert result["rows"] == 20 and result["pairs_kept"] == 18 and result["units"] == 8
+    assert result["skipped"] == {"undecodable image": 1, "bad labels": 1}
+    # ties among the kept rows: rows 2, 8, 11, 14, 17 (row 5, a tie too, was skipped)
+    assert result["ties"] == 5 and result["would_filter"] == {"ties": 5, "are_different=False": 1,
+                                                              "has_label=False": 2}
+    assert result["sample"]["rows"] == 6 and result["sample"]["formats"] == {"JPEG": 12}
+    assert result["sample"]["width"]["max"] == 16 and result["caption_words"]["median"] == 2
+    assert "skipped 2" in r.stdout and "would leave out" in r.stdout
+    preview = Image.open(out / "preview.png")
+    assert preview.format == "PNG" and preview.height > 3 * 128
+    bad = subprocess.run([sys.executable, "-m", "spo", "data", "inspect", str(tmp_path / "none")], capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "does not exist" in bad.stderr

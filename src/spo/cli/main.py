@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "toy": ("spo.cli.toy_cmd", "the embedded toy world: build models, sample, write preference pairs"),
     "export": ("spo.cli.export_cmd", "write a LoRA for A1111/ComfyUI/kohya (webui keys) and diffusers, with metadata"),
     "merge": ("spo.cli.merge_cmd", "merge checkpoints and bake LoRAs from a TOML recipe into one model"),
+    "data": ("spo.cli.data_cmd", "inspect Pick-a-Pic-schema preference pairs: counts, skipped rows, sizes, a preview"),
     "spm": ("spo.cli.spm_cmd", "step-aware preference model: train, evaluate, convert official checkpoints"),
     "generate": ("spo.cli.generate_cmd", "make images (txt2img/img2img) with LoRAs at any strength; A1111-style PNG metadata"),
     "sweep": ("spo.cli.sweep_cmd", "side-by-side grids over LoRA strength, denoise, seed, sampler, steps; suggested strengths"),

@@ -40,6 +40,7 @@ DEFAULT_BUFFER_MB = 512
 FILTER_TIE = "ties"
 FILTER_SAME = "are_different=False"
 FILTER_UNLABELLED = "has_label=False"
+FLAG_BITS = {FILTER_TIE: 1, FILTER_SAME: 2, FILTER_UNLABELLED: 4}
 
 
 @dataclass(frozen=True)
@@ -51,13 +52,16 @@ class Filters:
     drop_unlabelled: bool = False
 
     def reason(self, values: dict[str, Any], labels: list[float]) -> str | None:
-        if self.drop_ties and abs(labels[0] - labels[1]) <= LABEL_TOLERANCE:
-            return FILTER_TIE
-        if self.drop_same and values.get("are_different") is False:
-            return FILTER_SAME
-        if self.drop_unlabelled and values.get("has_label") is False:
-            return FILTER_UNLABELLED
-        return None
+        """Why these filters leave a row out (the first that applies), or None."""
+        on = {FILTER_TIE: self.drop_ties, FILTER_SAME: self.drop_same, FILTER_UNLABELLED: self.drop_unlabelled}
+        return next((why for why in applicable(values, labels) if on[why]), None)
+
+
+def applicable(values: dict[str, Any], labels: list[float]) -> list[str]:
+    """Every filter that would leave this row out."""
+    return [why for why, hit in ((FILTER_TIE, abs(labels[0] - labels[1]) <= LABEL_TOLERANCE),
+                                 (FILTER_SAME, values.get("are_different") is False),
+                                 (FILTER_UNLABELLED, values.get("has_label") is False)) if hit]
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,7 @@ class PairIndex:
     captions: list[str]
     summary: ReadSummary
     images_checked: bool = False  # True: the index pass checked every image (the set fits the buffer)
+    flags: np.ndarray | None = None  # uint8 bits per row: which filters would leave it out (FLAG_BITS)
 
     def __len__(self) -> int:
         return len(self.unit)
@@ -100,13 +105,19 @@ class PairIndex:
         counts = np.bincount(self.caption_id, minlength=len(self.captions))
         return 1.0 / counts[self.caption_id]
 
+    def flagged(self) -> dict[str, int]:
+        """How many rows each filter would leave out."""
+        flags = np.zeros(len(self), dtype=np.uint8) if self.flags is None else self.flags
+        return {why: int(((flags & bit) > 0).sum()) for why, bit in FLAG_BITS.items()}
+
     def ties(self) -> np.ndarray:
         return np.abs(self.label_0 - self.label_1) <= LABEL_TOLERANCE
 
     def subset(self, keep: np.ndarray) -> "PairIndex":
         """The index of the rows where `keep` is true (a bool mask), in the same order."""
         return PairIndex(self.units, self.unit[keep], self.row[keep], self.label_0[keep], self.label_1[keep],
-                         self.caption_id[keep], self.captions, self.summary, self.images_checked)
+                         self.caption_id[keep], self.captions, self.summary, self.images_checked,
+                         None if self.flags is None else self.flags[keep])
 
 
 # ----------------------------------------------------------------------------------------------- the index
@@ -118,7 +129,7 @@ def build_index(paths: str | os.PathLike | Iterable[str | os.PathLike], filters:
     files = resolve_files(list(paths))
     summary = ReadSummary(files=[str(f) for f, _ in files])
     units: list[Unit] = []
-    cols: dict[str, list] = {k: [] for k in ("unit", "row", "label_0", "label_1", "caption")}
+    cols: dict[str, list] = {k: [] for k in ("unit", "row", "label_0", "label_1", "caption", "flags")}
     for file, kind in files:
         for unit, table in _small_units(file, kind):
             _index_unit(unit, len(units), table, filters, summary, cols)
@@ -126,7 +137,8 @@ def build_index(paths: str | os.PathLike | Iterable[str | os.PathLike], filters:
     captions, caption_id = np.unique(np.array(cols["caption"], dtype=object), return_inverse=True)
     index = PairIndex(units, np.array(cols["unit"], dtype=np.int32), np.array(cols["row"], dtype=np.int32),
                       np.array(cols["label_0"], dtype=np.float64), np.array(cols["label_1"], dtype=np.float64),
-                      caption_id.astype(np.int32).reshape(-1), list(captions), summary)
+                      caption_id.astype(np.int32).reshape(-1), list(captions), summary,
+                      flags=np.array(cols["flags"], dtype=np.uint8))
     if index.image_bytes <= buffer_bytes:
         index = check_all_images(index)
     _count_kept(index)
@@ -145,7 +157,8 @@ def _index_unit(unit: Unit, unit_id: int, table: pa.Table, filters: Filters, sum
         if why:
             summary.filtered[why] += 1
             continue
-        for key, value in zip(cols, (unit_id, i, text[1][0], text[1][1], text[0])):
+        flags = sum(FLAG_BITS[why] for why in applicable(values, text[1]))
+        for key, value in zip(cols, (unit_id, i, text[1][0], text[1][1], text[0], flags)):
             cols[key].append(value)
 
 
