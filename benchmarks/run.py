@@ -7,6 +7,7 @@
     python benchmarks/run.py selection       # how often a scorer's pick among SPO's candidates is the judge's, per step
     python benchmarks/run.py spm-time        # step-aware vs time-unconditioned SPMs: same data, budget, seeds
     python benchmarks/run.py merge-sdxl      # `spo merge` of two full-size SDXL files + a rank-64 LoRA vs plain disk I/O
+    python benchmarks/run.py data-scale      # >= 4 GB of Pick-a-Pic-schema shards: spm train / eval peak RSS, data rates
 
 Ratios are always against a baseline measured in the same run. Memory on CPU is the peak RSS growth of a
 fresh process over its RSS after loading the models (each arm runs in its own process).
@@ -757,11 +758,15 @@ def main(argv: list[str]) -> None:
     m.add_argument("--rank", type=int, default=64)
     m.add_argument("--work", default="outputs/bench-merge", help="scratch folder (about 21 GB at full size)")
     m.add_argument("--keep", action="store_true", help="keep the scratch files")
+    import data_scale  # benchmarks/data_scale.py (this folder is on sys.path when run as a script)
+
+    data_scale.add_arguments(sub.add_parser("data-scale"))
     args = parser.parse_args(argv)
     if args.name == "quality" and (args.preference or args.spo_args) and not args.tag:
         parser.error("--preference and --spo-args need --tag, so that a variant's results do not overwrite the preset's")
     fn = {"spo-iteration": spo_iteration, "judge-cost": judge_cost, "train-default": train_default,
-          "merge-sdxl": merge_sdxl, "quality": quality, "selection": selection, "spm-time": spm_time}[args.name]
+          "merge-sdxl": merge_sdxl, "quality": quality, "selection": selection, "spm-time": spm_time,
+          "data-scale": data_scale.data_scale}[args.name]
     if args.name == "quality":
         name = quality_name(args)
     elif args.name == "selection":

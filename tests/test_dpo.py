@@ -226,6 +226,12 @@ def test_a_set_larger_than_the_buffer_is_streamed_in_block_order_and_resumes_exa
     seen = [streamed[int(i)] for i in streamed.order(5, 0)]
     assert set(seen) == set(in_memory) and len(seen) == 9  # the bad row stood in for by a readable one
     assert streamed.index.summary.skipped == {"undecodable image": 1}
+    from spo.data.stream import Filters
+
+    flagged = write_pairs(tmp_path / "flagged.parquet", [dict(p.to_row(), are_different=i != 0)
+                                                          for i, p in enumerate(pairs)])
+    kept = load_pairs([str(flagged)], 0, log=lambda *_: None, filters=Filters(drop_same=True))
+    assert len(kept) == 7 and in_memory[0] not in kept  # pair 0 (not a tie) is left out on request
 
     cfg = dict(TINY, data=[data], epochs=2, shuffle_buffer_mb=1500 / 2**20, checkpoint_every_batches=1)
     full = train_dpo(build_config("dpo-toy-sd15", overrides=dict(cfg, output_dir=str(tmp_path / "a")), cls=DPOConfig),

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from spo.data.pickapic import PreferencePair
-from spo.data.stream import DEFAULT_BUFFER_MB, BlockOrder, PairIndex, UnitReader, build_index, iter_pairs
+from spo.data.stream import DEFAULT_BUFFER_MB, BlockOrder, Filters, PairIndex, UnitReader, build_index, iter_pairs
 from spo.errors import SpoInputError
 
 
@@ -23,10 +23,11 @@ def as_item(pair: PreferencePair) -> tuple[str, bytes, bytes]:
     return pair.caption, pair.image_1, pair.image_0
 
 
-def load_pairs(paths: list[str], max_pairs: int, log=print, buffer_bytes: int = DEFAULT_BUFFER_MB << 20):
-    """The non-tie pairs in file order (the first `max_pairs` if set): a list when they fit `buffer_bytes`, else
-    a StreamedItems."""
-    index = build_index(paths, buffer_bytes=buffer_bytes)
+def load_pairs(paths: list[str], max_pairs: int, log=print, buffer_bytes: int = DEFAULT_BUFFER_MB << 20,
+               filters: Filters = Filters()):
+    """The non-tie pairs in file order (the first `max_pairs` if set) that `filters` keep: a list when they fit
+    `buffer_bytes`, else a StreamedItems."""
+    index = build_index(paths, filters, buffer_bytes)
     log(index.summary.describe())
     where = ", ".join(str(p) for p in paths)
     if not len(index):
@@ -40,6 +41,13 @@ def load_pairs(paths: list[str], max_pairs: int, log=print, buffer_bytes: int = 
     if index.images_checked or index.image_bytes <= buffer_bytes:
         return [as_item(p) for _, p in iter_pairs(index)]
     return StreamedItems(index, buffer_bytes)
+
+
+def data_options(cfg) -> tuple[int, Filters]:
+    """(buffer bytes, filters) of a config's data settings (spo.train.config.PairsConfig)."""
+    from spo.data.stream import buffer_bytes, filters_of
+
+    return buffer_bytes(cfg), filters_of(cfg)
 
 
 class StreamedItems:

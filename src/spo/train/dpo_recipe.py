@@ -21,14 +21,13 @@ from pathlib import Path
 
 import torch
 
-from spo.data.stream import buffer_bytes
 from spo.ddim import add_noise, velocity
 from spo.errors import SpoInputError
 from spo.losses import diffusion_dpo_loss
 from spo.models.family import Conditioning, encode, family_of
 from spo.train.config import DPOConfig, describe_batch, for_processes
 from spo.train.engine import Run, fit, open_run
-from spo.train.dpo_data import load_pairs
+from spo.train.dpo_data import data_options, load_pairs
 from spo.train.finetune import FinetuneMethod, item_generators, setup_unet, validation_prompts
 
 PAIRS_FROM_SOURCE = 512  # pairs made from a built-in base's samples when no --data is given
@@ -213,7 +212,7 @@ def train_dpo(cfg: DPOConfig, log=print) -> dict:
     run = open_run(cfg, "dpo", log)
     with run:
         cfg = run.cfg = for_processes(cfg, run.accelerator.num_processes)  # before anything reads the batch or lr
-        items = load_pairs(cfg.data, cfg.max_pairs, log, buffer_bytes(cfg)) if cfg.data else None  # before the model: fails in a second
+        items = load_pairs(cfg.data, cfg.max_pairs, log, *data_options(cfg)) if cfg.data else None  # before the model: fails in a second
         set_seed(cfg.seed)
         pipe = load_pipeline(cfg.base, vae=cfg.vae, prediction_type=cfg.prediction_type)
         family = family_of(pipe)
@@ -223,7 +222,7 @@ def train_dpo(cfg: DPOConfig, log=print) -> dict:
             if run.is_main:
                 make_source_pairs(pipe, cfg, run.out, log)
             run.accelerator.wait_for_everyone()
-            items = load_pairs([str(run.out / PAIRS_FILE)], cfg.max_pairs, log, buffer_bytes(cfg))
+            items = load_pairs([str(run.out / PAIRS_FILE)], cfg.max_pairs, log, *data_options(cfg))
         unet, frozen_copy, params = setup_unet(pipe, cfg, family, run.device)
         method = DPOMethod(cfg, pipe, family, frozen_copy, items, run.accelerator.num_processes,
                            run.accelerator.process_index)

@@ -81,8 +81,8 @@ class MemoryBatches(torch.utils.data.Dataset):
 
 @dataclass
 class StreamBatches(torch.utils.data.Dataset):
-    """Batches read through a BlockOrder: each worker holds the rows of the current window(s) that its own
-    batches will use (the DataLoader hands batch start + j to worker j mod workers), read unit by unit."""
+    """Batches read through a BlockOrder: each worker holds the rows of the current window that its own batches
+    will use (the DataLoader hands batch start + j to worker j mod workers), read unit by unit."""
 
     index: PairIndex
     order: BlockOrder
@@ -104,7 +104,7 @@ class StreamBatches(torch.utils.data.Dataset):
         rows = [int(r) for r in self.order.rows(first, b)]
         windows = {self.order.window_of(p) for p in range(first, first + b)}
         if windows != self._windows:
-            self._hold(windows)
+            self._hold(windows, rows)
         missing = [r for r in rows if r not in self._held]  # a batch another worker was expected to take
         self._held.update(self._reader.read(self.index, np.array(missing, dtype=np.int64)) if missing else {})
         good, decoded, skipped = [], [], []
@@ -120,14 +120,16 @@ class StreamBatches(torch.utils.data.Dataset):
         return make_batch(m, good, [self._held[r].caption for r in good], decoded, self.labels, self.weights,
                           self.side, skipped)
 
-    def _hold(self, windows: set) -> None:
-        """Keep what is held of `windows`, read this worker's rows of the new ones; forget the rest."""
+    def _hold(self, windows: set, rows: list[int]) -> None:
+        """Hold this worker's rows of the latest window asked for, and of any earlier one only this batch's rows:
+        a worker's batches only move forward, so it never needs an earlier window again. Reads what is missing;
+        forgets the rest first, so one window (per process, over its workers), not two, is held at a time."""
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        keep = np.unique(np.concatenate([self._share(w, worker, workers) for w in sorted(windows)]))
+        keep = np.union1d(self._share(max(windows), worker, workers), np.array(rows, dtype=np.int64))
         held = {int(r): self._held[int(r)] for r in keep if int(r) in self._held}
         new = np.array([r for r in keep if int(r) not in held], dtype=np.int64)
-        self._held, self._windows = held, windows  # the old window goes before the new one is read
+        self._held, self._windows = held, windows
         if len(new):
             self._held.update(self._reader.read(self.index, new))
 

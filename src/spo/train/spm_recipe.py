@@ -30,6 +30,13 @@ SPM_DIR = "spm"
 
 
 # ------------------------------------------------------------------------------------------- data
+def wait_summary(waits: list[float]) -> dict:
+    """Seconds the trainer waited for its batches: the first (a window's read) apart from the rest."""
+    rest = waits[1:]
+    return {"first_s": round(waits[0], 3) if waits else None, "rest_total_s": round(sum(rest), 3),
+            "rest_max_s": round(max(rest), 3) if rest else None, "batches": len(waits)}
+
+
 def batch_seed(seed: int, batch: int, process: int) -> int:
     return (seed * 1_000_003 + batch) * 1_009 + process
 
@@ -93,6 +100,7 @@ class SPMMethod(Method):
     def __init__(self, cfg: SPMConfig, pipe, batches, world: int, rank: int, summary):
         self.cfg, self.pipe, self.batches, self.world, self.rank = cfg, pipe, batches, world, rank
         self.summary, self._loader, self._next = summary, None, None  # rows found unusable when read: counted there
+        self.waits: list[float] = []  # seconds each batch was waited for (does the data loader starve the step?)
 
     def batches_per_epoch(self) -> int:
         return self.cfg.max_train_steps * self.cfg.gradient_accumulation_steps
@@ -134,9 +142,13 @@ class SPMMethod(Method):
         """Batch m from the data loader (started at the first batch this run trains: a resume's)."""
         from spo.train.pair_batches import loader
 
+        import time
+
+        start = time.perf_counter()
         if self._next != m:
             self._loader = loader(self.batches, m, self.cfg.num_workers)
         batch = next(self._loader)
+        self.waits.append(time.perf_counter() - start)
         self._next = m + 1
         for reason, text in batch["skipped"]:
             self.summary.skipped[reason] += 1
@@ -216,7 +228,7 @@ def train(cfg: SPMConfig) -> dict:
             "family": family, "base_model": cfg.base, "time_conditioning": cfg.time_conditioning,
             "processes": run.accelerator.num_processes, "relabel": relabel_info, "config": run.summary()["config"],
             "final_loss_mean_last_10": float(np.mean(losses[-10 * cfg.gradient_accumulation_steps:])) if losses else None,
-            "seconds_this_run": run.summary()["seconds"],
+            "seconds_this_run": run.summary()["seconds"], "data_wait": wait_summary(method.waits),
         }
         run.accelerator.wait_for_everyone()
         if run.is_main:
