@@ -252,6 +252,26 @@ CASES = [
 ]
 
 # export (H4)
+# ---- Pick-a-Pic-schema pairs, streamed (spo.data.stream) by every reader: the same errors as the in-memory reader
+CASES += [
+    (f"{name}-{what}", [*prefix, path, "--out", "{t}/o"], words, ["{t}/o"])
+    for name, prefix in (("spm-train", ["spm", "train"]), ("spm-eval", ["spm", "eval", "toy:sd15", "--data"]),
+                         ("dpo", ["dpo", "--data"]), ("data-inspect", ["data", "inspect"]))
+    for what, path, words in (("empty-folder", "{empty}", ["{empty}", "no .parquet files"]),
+                              ("truncated-parquet", "{cutparquet}", ["cut.parquet", "cannot read"]),
+                              ("missing-columns", "{nolabels}", ["nolabels.parquet", "label_0, label_1"]))
+]
+CASES += [
+    ("spm-train-negative-workers", ["spm", "train", "{pairs}", "--num-workers", "-1", "--out", "{t}/o"],
+     ["num_workers"], ["{t}/o"]),
+    ("spm-train-zero-buffer", ["spm", "train", "{pairs}", "--shuffle-buffer-mb", "0", "--out", "{t}/o"],
+     ["shuffle_buffer_mb"], ["{t}/o"]),
+    ("dpo-text-buffer", ["dpo", "--data", "{pairs}", "--shuffle-buffer-mb", "lots", "--out", "{t}/o"],
+     ["shuffle_buffer_mb"], ["{t}/o"]),
+    ("data-inspect-out-is-file", ["data", "inspect", "{pairs}", "--out", "{keep}"], ["{keep}"], ["{keep}"]),
+    ("data-inspect-zero-sample", ["data", "inspect", "{pairs}", "--sample", "0"], ["sample"], []),
+]
+
 NAN_LORA = str(Path(__file__).parent / "data" / "nan_lora.safetensors")  # a one-module SD1.5 webui LoRA, one NaN
 CASES += [
     ("export-out-is-file", ["export", "{lora}", "--out", "{keep}"], ["{keep}", "not a folder"], ["{keep}"]),
@@ -283,6 +303,16 @@ def assets(tmp_path_factory):
     (d / "imgs").mkdir()
     Image.new("RGB", (16, 16), "red").save(d / "imgs" / "0.png")
     (d / "empty").mkdir()
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from spo.data.pickapic import write_pairs
+    red = io.BytesIO()
+    Image.new("RGB", (8, 8), "red").save(red, "PNG")
+    write_pairs(d / "pairs.parquet", [{"caption": "a red square", "jpg_0": red.getvalue(), "jpg_1": red.getvalue(),
+                                       "label_0": 1.0, "label_1": 0.0}] * 4)
+    (d / "cut.parquet").write_bytes((d / "pairs.parquet").read_bytes()[:-60])
+    pq.write_table(pa.table({"caption": ["a"], "jpg_0": [b"x"], "jpg_1": [b"y"]}), d / "nolabels.parquet")
     (d / "recipe.toml").write_text('base = "model.safetensors"\noutput = "merged.safetensors"\n')
     # outputs that are not regular files (a FIFO here; /dev/full itself is only ever looked at, see _state)
     os.mkfifo(d / "fifo")
@@ -342,7 +372,8 @@ def assets(tmp_path_factory):
             "textpng": str(d / "textdir" / "text.png"), "bombdir": str(d / "bombdir"),
             "truncdir": str(d / "truncdir"), "textdir": str(d / "textdir"), "manyprompts": str(d / "many.txt"),
             "csvprompts": str(d / "prompts.csv"), "assets": str(d), "vae_sd15": str(d / "vae_sd15"),
-            "vae16": str(d / "vae16.safetensors")}
+            "vae16": str(d / "vae16.safetensors"), "pairs": str(d / "pairs.parquet"),
+            "cutparquet": str(d / "cut.parquet"), "nolabels": str(d / "nolabels.parquet")}
 
 
 def _fill(text: str, values: dict) -> str:
