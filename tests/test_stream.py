@@ -223,3 +223,12 @@ def test_spo_data_inspect_through_the_command(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "spo", "data", "inspect", str(tmp_path / "none")], capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "does not exist" in bad.stderr
+
+
+def test_a_folder_of_several_hub_splits_asks_for_one(tmp_path):
+    for split in ("train", "test_unique"):
+        write_pairs(tmp_path / "data" / f"{split}-00000-of-00001.parquet", _rows(2))
+    for read in (build_index, read_pairs):
+        with pytest.raises(SpoInputError, match=r"holds the splits test_unique, train: name the one to read, e.g. .*/train-\*.parquet"):
+            read(tmp_path / "data")
+    assert len(build_index(sorted((tmp_path / "data").glob("train-*.parquet")))) == 2

@@ -21,6 +21,7 @@ import io
 import json
 import math
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -248,6 +249,7 @@ def resolve_files(paths: list[str | os.PathLike]) -> list[tuple[Path, str]]:
                 found = [(f, "arrow") for f in _arrow_files(p)]
             else:
                 found = [(f, "parquet") for f in sorted(p.rglob("*.parquet")) if f.is_file()]
+                _one_split(p, [f for f, _ in found])
                 if not found:  # a directory of save_to_disk splits, e.g. train/ and validation/
                     found = [
                         (f, "arrow")
@@ -263,6 +265,15 @@ def resolve_files(paths: list[str | os.PathLike]) -> list[tuple[Path, str]]:
         else:
             out.append((p, "parquet"))
     return out
+
+
+def _one_split(folder: Path, files: list[Path]) -> None:
+    """A hub-cache folder (data/train-00000-of-00645.parquet, data/test_unique-...) holds several splits: reading
+    them all would train on the test pairs, so the user names one."""
+    splits = sorted({m.group(1) for f in files if (m := re.fullmatch(r"(.+)-\d{5}-of-\d{5}\.parquet", f.name))})
+    if len(splits) > 1:
+        raise SpoInputError(f"{folder} holds the splits {', '.join(splits)}: name the one to read, e.g. "
+                            f"{folder}/{'train' if 'train' in splits else splits[0]}-*.parquet")
 
 
 def _open_batches(file: Path, kind: str) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
