@@ -232,3 +232,24 @@ def test_a_folder_of_several_hub_splits_asks_for_one(tmp_path):
         with pytest.raises(SpoInputError, match=r"holds the splits test_unique, train: name the one to read, e.g. .*/train-\*.parquet"):
             read(tmp_path / "data")
     assert len(build_index(sorted((tmp_path / "data").glob("train-*.parquet")))) == 2
+
+
+def test_the_vectorised_index_judges_rows_as_read_pairs_does(tmp_path):
+    from test_pickapic import BAD_ROWS, _row
+
+    rows = [_row("good 0")] + [r for _, r in BAD_ROWS] + [_row("\x1f"), _row("good 1", 0.9995, 0.0), _row("tie", 0.5, 0.5)]
+    write_pairs(tmp_path / "mixed.parquet", rows, rows_per_group=3)
+    # integer labels and a label column of strings (every row then judged one by one)
+    pq.write_table(pa.table({"caption": ["int", "int"], "jpg_0": [rows[0]["jpg_0"]] * 2, "jpg_1": [rows[0]["jpg_1"]] * 2,
+                             "label_0": [1, 0], "label_1": [0, 1]}), tmp_path / "ints.parquet")
+    pq.write_table(pa.table({"caption": ["str"], "jpg_0": [rows[0]["jpg_0"]], "jpg_1": [rows[0]["jpg_1"]],
+                             "label_0": ["1.0"], "label_1": ["0.0"]}), tmp_path / "strs.parquet")
+    for big in (False, True):  # images checked at once, or (no image checked here) only the text checks
+        index = build_index(tmp_path, buffer_bytes=10 if big else 1 << 20)
+        pairs, summary = read_pairs(tmp_path)
+        text_bad = [b for b in summary.bad_rows if b.reason in ("bad labels", "empty caption")]
+        assert [str(b) for b in index.summary.bad_rows if not big or b.reason in ("bad labels", "empty caption")] == \
+            [str(b) for b in (text_bad if big else summary.bad_rows)]
+        if not big:
+            assert [index.caption(i) for i in range(len(index))] == [p.caption for p in pairs]
+            assert list(index.label_0) == [p.label_0 for p in pairs] and index.summary.describe() == summary.describe()

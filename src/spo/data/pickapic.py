@@ -377,7 +377,8 @@ def verify_image(data: bytes) -> str | None:
         with Image.open(io.BytesIO(data)) as im:
             im.verify()
     except Exception as exc:  # PIL raises many types for corrupt data
-        return f"{type(exc).__name__}: {exc}".strip().rstrip(":")
+        text = re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "", str(exc))  # PIL's repr of our buffer: noise
+        return f"{type(exc).__name__}: {text}".strip().rstrip(":")
     return None
 
 

@@ -25,6 +25,7 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401 - pa.compute
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
@@ -129,37 +130,71 @@ def build_index(paths: str | os.PathLike | Iterable[str | os.PathLike], filters:
     files = resolve_files(list(paths))
     summary = ReadSummary(files=[str(f) for f, _ in files])
     units: list[Unit] = []
-    cols: dict[str, list] = {k: [] for k in ("unit", "row", "label_0", "label_1", "caption", "flags")}
+    parts: list[tuple] = []  # per unit: (unit, rows, label_0, label_1, captions, flags) of its kept rows
     for file, kind in files:
         for unit, table in _small_units(file, kind):
-            _index_unit(unit, len(units), table, filters, summary, cols)
+            parts.append(_index_unit(unit, len(units), table, filters, summary))
             units.append(unit)
-    captions, caption_id = np.unique(np.array(cols["caption"], dtype=object), return_inverse=True)
-    index = PairIndex(units, np.array(cols["unit"], dtype=np.int32), np.array(cols["row"], dtype=np.int32),
-                      np.array(cols["label_0"], dtype=np.float64), np.array(cols["label_1"], dtype=np.float64),
-                      caption_id.astype(np.int32).reshape(-1), list(captions), summary,
-                      flags=np.array(cols["flags"], dtype=np.uint8))
+    # Captions as ids into one list of distinct captions (pyarrow's dictionary encoding: first-seen order).
+    encoded = pa.chunked_array([p[4] for p in parts], type=pa.string()).combine_chunks().dictionary_encode()
+    index = PairIndex(units, *(np.concatenate([p[k] for p in parts] or [np.zeros(0, t)]).astype(t)
+                               for k, t in ((0, np.int32), (1, np.int32), (2, np.float64), (3, np.float64))),
+                      encoded.indices.to_numpy(zero_copy_only=False).astype(np.int32),
+                      encoded.dictionary.to_pylist(), summary,
+                      flags=np.concatenate([p[5] for p in parts] or [np.zeros(0, np.uint8)]).astype(np.uint8))
     if index.image_bytes <= buffer_bytes:
         index = check_all_images(index)
     _count_kept(index)
     return index
 
 
-def _index_unit(unit: Unit, unit_id: int, table: pa.Table, filters: Filters, summary: ReadSummary,
-                cols: dict[str, list]) -> None:
-    for i, values in enumerate(table.to_pylist()):
-        summary.rows_read += 1
-        text = check_text(unit.file, unit.first_row + i, values)
+def _index_unit(unit: Unit, unit_id: int, table: pa.Table, filters: Filters, summary: ReadSummary) -> tuple:
+    """The kept rows of one unit (column arrays); bad rows skipped and counted, filtered ones counted.
+
+    Vectorised: a row the array checks doubt is judged by check_text itself (rows in order, so the examples
+    are read_pairs'); one they pass passes check_text too (the caption is checked in Python, as there).
+    """
+    n = table.num_rows
+    summary.rows_read += n
+    captions = table.column("caption").to_pylist()
+    good = np.array([isinstance(c, str) and bool(c.strip()) for c in captions], dtype=bool)
+    l0, l1 = (_numbers(table.column(name)) for name in ("label_0", "label_1"))
+    with np.errstate(invalid="ignore"):
+        good &= np.isfinite(l0) & np.isfinite(l1) & (l0 >= 0) & (l0 <= 1) & (l1 >= 0) & (l1 <= 1)
+        good &= np.abs(l0 + l1 - 1.0) <= LABEL_TOLERANCE
+    for i in np.flatnonzero(~good):
+        text = check_text(unit.file, unit.first_row + int(i), table.slice(int(i), 1).to_pylist()[0])
         if isinstance(text, BadRow):
             _skip(summary, text)
-            continue
-        why = filters.reason(values, text[1])
-        if why:
-            summary.filtered[why] += 1
-            continue
-        flags = sum(FLAG_BITS[why] for why in applicable(values, text[1]))
-        for key, value in zip(cols, (unit_id, i, text[1][0], text[1][1], text[0], flags)):
-            cols[key].append(value)
+        else:  # e.g. a label column of a type the arrays do not read: check_text's word is final
+            good[i], (l0[i], l1[i]) = True, text[1]
+    flags = _flag_bits(table, l0, l1)
+    on = sum(FLAG_BITS[w] for w, o in ((FILTER_TIE, filters.drop_ties), (FILTER_SAME, filters.drop_same),
+                                       (FILTER_UNLABELLED, filters.drop_unlabelled)) if o)
+    for why, bit in FLAG_BITS.items():  # a row left out is counted once, under the first filter that applies
+        first = good & ((flags & on & bit) > 0) & ((flags & on & (bit - 1)) == 0)
+        if first.any():
+            summary.filtered[why] += int(first.sum())
+    keep = np.flatnonzero(good & ((flags & on) == 0))
+    return (np.full(len(keep), unit_id), keep, l0[keep], l1[keep],
+            pa.array([captions[i] for i in keep], type=pa.string()), flags[keep])
+
+
+def _numbers(column: pa.ChunkedArray) -> np.ndarray:
+    """A label column as float64 (nulls and non-numbers as NaN, judged by check_text)."""
+    if not (pa.types.is_floating(column.type) or pa.types.is_integer(column.type)):
+        return np.full(len(column), np.nan)
+    return column.cast(pa.float64()).to_numpy(zero_copy_only=False).astype(np.float64)
+
+
+def _flag_bits(table: pa.Table, l0: np.ndarray, l1: np.ndarray) -> np.ndarray:
+    """FLAG_BITS of every row: a tie, are_different false, has_label false (a null is no false)."""
+    flags = np.where(np.abs(l0 - l1) <= LABEL_TOLERANCE, FLAG_BITS[FILTER_TIE], 0).astype(np.uint8)
+    for name, why in (("are_different", FILTER_SAME), ("has_label", FILTER_UNLABELLED)):
+        if name in table.column_names and pa.types.is_boolean(table.column(name).type):
+            false = pa.compute.fill_null(pa.compute.invert(table.column(name)), False)
+            flags |= np.where(false.to_numpy(zero_copy_only=False), FLAG_BITS[why], 0).astype(np.uint8)
+    return flags
 
 
 def _skip(summary: ReadSummary, bad: BadRow) -> None:
@@ -182,6 +217,8 @@ def check_all_images(index: PairIndex) -> PairIndex:
             if isinstance(item, BadRow):
                 keep[i] = False
                 _skip(index.summary, item)
+    order = {f: i for i, f in enumerate(index.summary.files)}
+    index.summary.bad_rows.sort(key=lambda b: (order.get(b.file, 0), b.row))  # in file order, as read_pairs lists them
     checked = index.subset(keep)
     checked.images_checked = True
     return checked
