@@ -168,10 +168,12 @@ def pair_labels(data) -> tuple:
 
 
 def each_pair(data):
-    """(row, pair) of every usable row, in file order (a PairIndex is read one unit at a time)."""
+    """(row, pair) of every usable row, in file order (a PairIndex is read one unit at a time; rows found unusable
+    are left out uncounted here: training counts them when it meets them)."""
+    from spo.data.pickapic import ReadSummary
     from spo.data.stream import iter_pairs
 
-    return iter_pairs(data) if isinstance(data, PairIndex) else enumerate(data)
+    return iter_pairs(data, summary=ReadSummary()) if isinstance(data, PairIndex) else enumerate(data)
 
 
 def train_batches(data, labels, seed: int, layout: Layout, side: int, total: int, buffer_bytes: int):
