@@ -38,7 +38,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--heldout", type=int, default=256, help="pairs in the held-out shard")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--num-workers", type=int, default=2)
+    # one: on this 2-core machine one core steps and one decodes (a worker decodes ~10x faster than the toy steps)
+    parser.add_argument("--num-workers", type=int, default=1)
     parser.add_argument("--buffer-mb", type=float, default=512.0, help="--shuffle-buffer-mb of the training run")
     parser.add_argument("--work", default="outputs/bench-data-scale")
 
