@@ -226,6 +226,8 @@ def test_a_set_larger_than_the_buffer_is_streamed_in_block_order_and_resumes_exa
     seen = [streamed[int(i)] for i in streamed.order(5, 0)]
     assert set(seen) == set(in_memory) and len(seen) == 9  # the bad row stood in for by a readable one
     assert streamed.index.summary.skipped == {"undecodable image": 1}
+    seen = [streamed[int(i)] for i in streamed.order(5, 1)]  # the next epoch meets the bad row again
+    assert set(seen) == set(in_memory) and streamed.index.summary.skipped == {"undecodable image": 1}  # counted once
     from spo.data.stream import Filters
 
     flagged = write_pairs(tmp_path / "flagged.parquet", [dict(p.to_row(), are_different=i != 0)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from spo.data.pickapic import PreferencePair
+from spo.data.pickapic import PreferencePair, ReadSummary
 from spo.data.stream import DEFAULT_BUFFER_MB, BlockOrder, Filters, PairIndex, UnitReader, build_index, iter_pairs
 from spo.errors import SpoInputError
 
@@ -62,6 +62,7 @@ class StreamedItems:
         self._reader, self._epoch = UnitReader(), None
         self._held: dict[int, PreferencePair | None] = {}
         self._windows: set[int] = set()
+        self._counted: set[tuple[str, int]] = set()  # rows met unusable so far: each counted once in the summary
 
     def __len__(self) -> int:
         return len(self.index)
@@ -98,5 +99,11 @@ class StreamedItems:
         self._windows = {w, w - 1} & self._windows | {w}
         self._held = {r: p for r, p in self._held.items() if self._window_of_row[r] in self._windows}
         rows = self._rows[self._bounds[w]:self._bounds[w + 1]]
-        got = dict(iter_pairs(self.index, rows, reader=self._reader))  # unreadable rows: counted, left out
+        met = ReadSummary()
+        got = dict(iter_pairs(self.index, rows, reader=self._reader, summary=met))  # unusable rows: left out
+        for bad in met.bad_rows:  # every epoch meets them again: count each once
+            if (bad.file, bad.row) not in self._counted:
+                self._counted.add((bad.file, bad.row))
+                self.index.summary.skipped[bad.reason] += 1
+                self.index.summary.bad_rows.append(bad)
         self._held.update({int(r): got.get(int(r)) for r in rows})
