@@ -227,9 +227,9 @@ def check_all_images(index: PairIndex) -> PairIndex:
 def _rows_by_unit(index: PairIndex, rows: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
     """(unit, the given rows in it, in file order) for each unit the rows touch, in file order."""
     rows = np.sort(rows)
-    units = index.unit[rows]
-    for u in np.unique(units):
-        yield int(u), rows[units == u]
+    units = index.unit[rows]  # non-decreasing: rows are in file order
+    for part in np.split(rows, np.flatnonzero(np.diff(units)) + 1) if len(rows) else []:
+        yield int(index.unit[part[0]]), part
 
 
 def _small_units(file: Path, kind: str) -> Iterator[tuple[Unit, pa.Table]]:
