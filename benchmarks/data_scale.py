@@ -145,7 +145,7 @@ def read_rates(work: Path, buffer_mb: float, batch: int) -> dict:
     some = pairs[: 32 * batch]
     t = time.time()
     for s in range(0, len(some), batch):
-        decoded = [p.decode() for p in some[s: s + batch]]
+        decoded = [d for d in map(_decoded, some[s: s + batch]) if d is not None]
         images_to_tensor([d[0] for d in decoded], 32), images_to_tensor([d[1] for d in decoded], 32)
     decode_s = time.time() - t
     window_bytes = sum(len(p.image_0) + len(p.image_1) for p in pairs)
@@ -153,6 +153,16 @@ def read_rates(work: Path, buffer_mb: float, batch: int) -> dict:
             "window_pairs": len(window), "window_mib": round(window_bytes / 2**20, 1),
             "read_pairs_per_s": round(len(pairs) / read_s, 1), "read_mib_per_s": round(window_bytes / 2**20 / read_s, 1),
             "decode_resize_pairs_per_s": round(len(some) / decode_s, 1)}
+
+
+def _decoded(pair):
+    """Both images, or None for the rows written corrupt (a truncated JPEG passes PIL's verify)."""
+    from spo.errors import SpoInputError
+
+    try:
+        return pair.decode()
+    except SpoInputError:
+        return None
 
 
 def watched(cmd: list[str]) -> dict:
