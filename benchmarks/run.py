@@ -81,7 +81,9 @@ def _iteration_arm(arm: str, family: str, iterations: int, batch: int) -> dict:
     from spo.models.loading import load_pipeline
     from spo.sampling.resampler import schedule
     from spo.train.config import build_config
-    from spo.train.spo_recipe import accumulate_gradients, add_lora, collect_pairs
+    from spo.train.finetune import add_lora, reference_model
+    from spo.train.spo_recipe import pair_losses
+    from spo.train.spo_round import collect_pairs
 
     torch.set_flush_denormal(True)
     cfg = build_config(f"toy-{family}", overrides=dict(sample_batch_size=batch, report_to="none"))
@@ -97,29 +99,21 @@ def _iteration_arm(arm: str, family: str, iterations: int, batch: int) -> dict:
     base_rss = current_rss_mb()
     times, losses = [], []
 
-    class _Acc:  # the trainer's accumulate_gradients needs these two accelerate hooks; one process, no DDP
-        autocast = staticmethod(__import__("contextlib").nullcontext)
-
-        @staticmethod
-        def no_sync(_):
-            return __import__("contextlib").nullcontext()
-
-        @staticmethod
-        def backward(loss):
-            loss.backward()
-
     for it in range(iterations + 1):  # the first is a warm-up
         gens = [torch.Generator().manual_seed(1000 * it + i) for i in range(batch)]
         start = time.perf_counter()
-        if arm == "ours":
+        if arm == "ours":  # the trainer's sampling round and loss, one optimizer step as the reference loop takes
             pairs, cond, uncond = collect_pairs(pipe, unet, scorer, prompts, gens, cfg, sched)
+            kept = pairs.select(pairs.keep)
             opt.zero_grad(set_to_none=True)
-            stats = accumulate_gradients(unet, unet, None, pairs.select(pairs.keep), pairs, cond, uncond, cfg,
-                                         sched[1], sched[2], _Acc, batch * (cfg.num_steps - cfg.divert_start_step),
-                                         torch.float32, True)
+            loss = 0.0
+            if len(kept):
+                per_pair = pair_losses(unet, lambda: reference_model(unet, None), kept, cond, uncond, cfg,
+                                       sched[1], sched[2])[0]
+                (per_pair.sum() / (batch * (cfg.num_steps - cfg.divert_start_step))).backward()
+                loss = float(per_pair.detach().mean())
             torch.nn.utils.clip_grad_norm_([p for p in unet.parameters() if p.requires_grad], cfg.max_grad_norm)
             opt.step()
-            loss = stats["loss"]
         else:
             from spo.models.family import encode
 
