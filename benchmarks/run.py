@@ -7,6 +7,7 @@
     python benchmarks/run.py selection       # how often a scorer's pick among SPO's candidates is the judge's, per step
     python benchmarks/run.py spm-time        # step-aware vs time-unconditioned SPMs: same data, budget, seeds
     python benchmarks/run.py merge-sdxl      # `spo merge` of two full-size SDXL files + a rank-64 LoRA vs plain disk I/O
+    python benchmarks/run.py vpred-toy       # the toy converted to v-prediction: SPO's gain there and on the epsilon toy
 
 Ratios are always against a baseline measured in the same run. Memory on CPU is the peak RSS growth of a
 fresh process over its RSS after loading the models (each arm runs in its own process).
@@ -106,12 +107,14 @@ def _iteration_arm(arm: str, family: str, iterations: int, batch: int) -> dict:
             pairs, cond, uncond = collect_pairs(pipe, unet, scorer, prompts, gens, cfg, sched)
             kept = pairs.select(pairs.keep)
             opt.zero_grad(set_to_none=True)
-            loss = 0.0
-            if len(kept):
-                per_pair = pair_losses(unet, lambda: reference_model(unet, None), kept, cond, uncond, cfg,
-                                       sched[1], sched[2])[0]
-                (per_pair.sum() / (batch * (cfg.num_steps - cfg.divert_start_step))).backward()
-                loss = float(per_pair.detach().mean())
+            per_pair = []
+            micro = cfg.train_micro_batch  # the trainer's micro-batches
+            for s in range(0, len(kept), micro):
+                chunk = pair_losses(unet, lambda: reference_model(unet, None), kept.select(slice(s, s + micro)),
+                                    cond, uncond, cfg, sched[1], sched[2])[0]
+                (chunk.sum() / (batch * (cfg.num_steps - cfg.divert_start_step))).backward()
+                per_pair.append(chunk.detach())
+            loss = float(torch.cat(per_pair).mean()) if per_pair else 0.0
             torch.nn.utils.clip_grad_norm_([p for p in unet.parameters() if p.requires_grad], cfg.max_grad_norm)
             opt.step()
         else:
@@ -751,11 +754,20 @@ def main(argv: list[str]) -> None:
     m.add_argument("--rank", type=int, default=64)
     m.add_argument("--work", default="outputs/bench-merge", help="scratch folder (about 21 GB at full size)")
     m.add_argument("--keep", action="store_true", help="keep the scratch files")
+    v = sub.add_parser("vpred-toy")
+    v.add_argument("--unet-steps", type=int, default=400, help="steps converting the epsilon toy to v-prediction")
+    v.add_argument("--images", type=int, default=2000, help="training renders of the conversion")
+    v.add_argument("--epochs", type=int, default=1)
+    v.add_argument("--max-prompts", type=int, default=80)
+    v.add_argument("--n", type=int, default=128, help="held-out images per arm")
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--work", default="outputs/bench-vpred-toy")
     args = parser.parse_args(argv)
     if args.name == "quality" and (args.preference or args.spo_args) and not args.tag:
         parser.error("--preference and --spo-args need --tag, so that a variant's results do not overwrite the preset's")
     fn = {"spo-iteration": spo_iteration, "judge-cost": judge_cost, "train-default": train_default,
-          "merge-sdxl": merge_sdxl, "quality": quality, "selection": selection, "spm-time": spm_time}[args.name]
+          "merge-sdxl": merge_sdxl, "quality": quality, "selection": selection, "spm-time": spm_time,
+          "vpred-toy": lambda a: __import__("vpred_toy").vpred_toy(a, run_child)}[args.name]
     if args.name == "quality":
         name = quality_name(args)
     elif args.name == "selection":
