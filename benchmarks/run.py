@@ -8,6 +8,7 @@
     python benchmarks/run.py spm-time        # step-aware vs time-unconditioned SPMs: same data, budget, seeds
     python benchmarks/run.py merge-sdxl      # `spo merge` of two full-size SDXL files + a rank-64 LoRA vs plain disk I/O
     python benchmarks/run.py vpred-toy       # the toy converted to v-prediction: SPO's gain there and on the epsilon toy
+    python benchmarks/run.py plan-presets    # `spo plan` on the paper presets at full size: memory by phase, fits
 
 Ratios are always against a baseline measured in the same run. Memory on CPU is the peak RSS growth of a
 fresh process over its RSS after loading the models (each arm runs in its own process).
@@ -762,12 +763,16 @@ def main(argv: list[str]) -> None:
     v.add_argument("--n", type=int, default=128, help="held-out images per arm")
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--work", default="outputs/bench-vpred-toy")
+    pp = sub.add_parser("plan-presets")
+    pp.add_argument("--presets", nargs="+", default=["sd15", "sdxl"])
+    pp.add_argument("--prompts", type=int, default=4000)
     args = parser.parse_args(argv)
     if args.name == "quality" and (args.preference or args.spo_args) and not args.tag:
         parser.error("--preference and --spo-args need --tag, so that a variant's results do not overwrite the preset's")
     fn = {"spo-iteration": spo_iteration, "judge-cost": judge_cost, "train-default": train_default,
           "merge-sdxl": merge_sdxl, "quality": quality, "selection": selection, "spm-time": spm_time,
-          "vpred-toy": lambda a: __import__("vpred_toy").vpred_toy(a, run_child)}[args.name]
+          "vpred-toy": lambda a: __import__("vpred_toy").vpred_toy(a, run_child),
+          "plan-presets": lambda a: __import__("plan_presets").plan_presets(a)}[args.name]
     if args.name == "quality":
         name = quality_name(args)
     elif args.name == "selection":

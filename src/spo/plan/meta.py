@@ -82,6 +82,15 @@ def _spm_clip_config(spm: str, family: str, base: str) -> tuple[dict, bool, str]
         "CLIP-ViT-H-14 (PickScore_v1 size), time-conditioned"
 
 
+def _vae_folder(vae: str) -> Path | None:
+    """The config folder of `--vae` (whether it is fp16-safe decides the judging memory); a single file is read
+    by the run itself, so the plan keeps the base's VAE config for it (its architecture is the family's)."""
+    if not vae or not Path(vae).is_dir():
+        return None
+    path = Path(vae)
+    return path / "vae" if not (path / "config.json").is_file() and (path / "vae" / "config.json").is_file() else path
+
+
 def meta_models(base: str, cfg, spm: str = "") -> MetaModels:
     """The run's models on the meta device, in the dtypes the trainer uses (spo.train.finetune)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -94,7 +103,7 @@ def meta_models(base: str, cfg, spm: str = "") -> MetaModels:
     dtype = weight_dtype(cfg)
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
-        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(_vae_folder(cfg.vae) or folder / "vae"))
         encoders = [CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder"))]
         if family == "sdxl":
             encoders.append(CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(folder / "text_encoder_2")))

@@ -148,7 +148,9 @@ class StepAwarePreferenceModel(nn.Module):
         if not (clip_dir / "config.json").is_file():
             raise SpoInputError(f"{clip_dir}: not a transformers CLIP folder (no config.json)")
         try:
-            clip = CLIPModel.from_pretrained(clip_dir, local_files_only=True)
+            # fp32 whatever the folder's weights are: the SPM's own layers are fp32, and a half-precision CLIP
+            # folder would otherwise build its whole SPM in half (mixed dtypes at the first Linear).
+            clip = CLIPModel.from_pretrained(clip_dir, local_files_only=True, torch_dtype=torch.float32)
         except (OSError, ValueError, KeyError) as exc:
             raise SpoInputError(f"{clip_dir}: cannot load as a CLIP model ({str(exc).splitlines()[0]})") from None
         mean, std = _image_stats(clip_dir)
