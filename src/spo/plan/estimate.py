@@ -170,7 +170,7 @@ def plan(models: MetaModels, cfg, side: int, prompts: int, processes: int = 1) -
                "optimizer state": optimizer_bytes(cfg, trained)}
     counts = round_counts(cfg)
     k_rows = cfg.k * cfg.sample_batch_size
-    micro = min(cfg.train_micro_batch, cfg.train_batch_size) * training_rows(cfg)
+    micro = min(cfg.train_micro_batch, cfg.train_batch_size, counts["transitions"]) * training_rows(cfg)
     fitted = {"sampling": fit_phase(sampling_call, models, side, cfg.cfg_scale),
               "judging": fit_judging(models, side),
               "training": fit_phase(training_call, models, side, cfg.cfg_scale)}
@@ -237,7 +237,7 @@ def suggest(models: MetaModels, cfg, result: dict, budget_gib: float, side: int)
         finally:
             models.unet.disable_gradient_checkpointing()
     for res, checkpointing in tries:
-        for micro in halvings(min(cfg.train_micro_batch, cfg.train_batch_size)):
+        for micro in halvings(res["phases"]["training"]["rows"] // per_transition):
             for judge in halvings(res["phases"]["judging"]["rows"]):
                 need = peak_with(res, judge, micro * per_transition)
                 if need <= budget:
