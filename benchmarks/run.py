@@ -8,6 +8,8 @@
     python benchmarks/run.py spm-time        # step-aware vs time-unconditioned SPMs: same data, budget, seeds
     python benchmarks/run.py merge-sdxl      # `spo merge` of two full-size SDXL files + a rank-64 LoRA vs plain disk I/O
     python benchmarks/run.py data-scale      # >= 4 GB of Pick-a-Pic-schema shards: spm train / eval peak RSS, data rates
+    python benchmarks/run.py vpred-toy       # the toy converted to v-prediction: SPO's gain there and on the epsilon toy
+    python benchmarks/run.py plan-presets    # `spo plan` on the paper presets at full size: memory by phase, fits
 
 Ratios are always against a baseline measured in the same run. Memory on CPU is the peak RSS growth of a
 fresh process over its RSS after loading the models (each arm runs in its own process).
@@ -82,7 +84,9 @@ def _iteration_arm(arm: str, family: str, iterations: int, batch: int) -> dict:
     from spo.models.loading import load_pipeline
     from spo.sampling.resampler import schedule
     from spo.train.config import build_config
-    from spo.train.spo_recipe import accumulate_gradients, add_lora, collect_pairs
+    from spo.train.finetune import add_lora, reference_model
+    from spo.train.spo_recipe import pair_losses
+    from spo.train.spo_round import collect_pairs
 
     torch.set_flush_denormal(True)
     cfg = build_config(f"toy-{family}", overrides=dict(sample_batch_size=batch, report_to="none"))
@@ -98,29 +102,23 @@ def _iteration_arm(arm: str, family: str, iterations: int, batch: int) -> dict:
     base_rss = current_rss_mb()
     times, losses = [], []
 
-    class _Acc:  # the trainer's accumulate_gradients needs these two accelerate hooks; one process, no DDP
-        autocast = staticmethod(__import__("contextlib").nullcontext)
-
-        @staticmethod
-        def no_sync(_):
-            return __import__("contextlib").nullcontext()
-
-        @staticmethod
-        def backward(loss):
-            loss.backward()
-
     for it in range(iterations + 1):  # the first is a warm-up
         gens = [torch.Generator().manual_seed(1000 * it + i) for i in range(batch)]
         start = time.perf_counter()
-        if arm == "ours":
+        if arm == "ours":  # the trainer's sampling round and loss, one optimizer step as the reference loop takes
             pairs, cond, uncond = collect_pairs(pipe, unet, scorer, prompts, gens, cfg, sched)
+            kept = pairs.select(pairs.keep)
             opt.zero_grad(set_to_none=True)
-            stats = accumulate_gradients(unet, unet, None, pairs.select(pairs.keep), pairs, cond, uncond, cfg,
-                                         sched[1], sched[2], _Acc, batch * (cfg.num_steps - cfg.divert_start_step),
-                                         torch.float32, True)
+            per_pair = []
+            micro = cfg.train_micro_batch  # the trainer's micro-batches
+            for s in range(0, len(kept), micro):
+                chunk = pair_losses(unet, lambda: reference_model(unet, None), kept.select(slice(s, s + micro)),
+                                    cond, uncond, cfg, sched[1], sched[2])[0]
+                (chunk.sum() / (batch * (cfg.num_steps - cfg.divert_start_step))).backward()
+                per_pair.append(chunk.detach())
+            loss = float(torch.cat(per_pair).mean()) if per_pair else 0.0
             torch.nn.utils.clip_grad_norm_([p for p in unet.parameters() if p.requires_grad], cfg.max_grad_norm)
             opt.step()
-            loss = stats["loss"]
         else:
             from spo.models.family import encode
 
@@ -761,12 +759,25 @@ def main(argv: list[str]) -> None:
     import data_scale  # benchmarks/data_scale.py (this folder is on sys.path when run as a script)
 
     data_scale.add_arguments(sub.add_parser("data-scale"))
+    v = sub.add_parser("vpred-toy")
+    v.add_argument("--unet-steps", type=int, default=400, help="steps converting the epsilon toy to v-prediction")
+    v.add_argument("--images", type=int, default=2000, help="training renders of the conversion")
+    v.add_argument("--epochs", type=int, default=1)
+    v.add_argument("--max-prompts", type=int, default=80)
+    v.add_argument("--n", type=int, default=128, help="held-out images per arm")
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--work", default="outputs/bench-vpred-toy")
+    pp = sub.add_parser("plan-presets")
+    pp.add_argument("--presets", nargs="+", default=["sd15", "sdxl"])
+    pp.add_argument("--prompts", type=int, default=4000)
     args = parser.parse_args(argv)
     if args.name == "quality" and (args.preference or args.spo_args) and not args.tag:
         parser.error("--preference and --spo-args need --tag, so that a variant's results do not overwrite the preset's")
     fn = {"spo-iteration": spo_iteration, "judge-cost": judge_cost, "train-default": train_default,
           "merge-sdxl": merge_sdxl, "quality": quality, "selection": selection, "spm-time": spm_time,
-          "data-scale": data_scale.data_scale}[args.name]
+          "data-scale": data_scale.data_scale,
+          "vpred-toy": lambda a: __import__("vpred_toy").vpred_toy(a, run_child),
+          "plan-presets": lambda a: __import__("plan_presets").plan_presets(a)}[args.name]
     if args.name == "quality":
         name = quality_name(args)
     elif args.name == "selection":

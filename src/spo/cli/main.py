@@ -24,6 +24,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("spo.cli.generate_cmd", "make images (txt2img/img2img) with LoRAs at any strength; A1111-style PNG metadata"),
     "sweep": ("spo.cli.sweep_cmd", "side-by-side grids over LoRA strength, denoise, seed, sampler, steps; suggested strengths"),
     "score": ("spo.cli.score_cmd", "score a folder of images (judge, SPM, PickScore...) with CIs; seed-matched win rate"),
+    "plan": ("spo.cli.plan_cmd", "before a run: will this `spo train` fit my GPU, how long will it take (no model loaded)"),
+    "dev": ("spo.cli.dev_cmd", "for checking spo at full size offline: random-weight stand-ins of real models"),
     "report": ("spo.cli.report_cmd", "one HTML page for a training run or a sweep: before/after, grids, scores, curves"),
 }
 

@@ -115,11 +115,11 @@ class StepAwarePreferenceModel(nn.Module):
     def __init__(self, clip_config, *, time_conditioning: bool = True, frequency_dim: int = FREQUENCY_DIM,
                  max_period: float = MAX_PERIOD, image_mean: Sequence[float] = CLIP_MEAN,
                  image_std: Sequence[float] = CLIP_STD, tokenizer=None, family: str | None = None,
-                 base_model: str | None = None, training: dict | None = None):
+                 base_model: str | None = None, training: dict | None = None, clip=None):
         super().__init__()
         from transformers import CLIPModel
 
-        self.clip = CLIPModel(clip_config)
+        self.clip = clip if clip is not None else CLIPModel(clip_config)  # `clip`: a loaded CLIPModel, kept as is
         self.time_conditioning = bool(time_conditioning)
         hidden = clip_config.vision_config.hidden_size
         n_layers = clip_config.vision_config.num_hidden_layers
@@ -148,16 +148,17 @@ class StepAwarePreferenceModel(nn.Module):
         if not (clip_dir / "config.json").is_file():
             raise SpoInputError(f"{clip_dir}: not a transformers CLIP folder (no config.json)")
         try:
-            clip = CLIPModel.from_pretrained(clip_dir, local_files_only=True)
+            # fp32 whatever the folder's weights are: the SPM's own layers are fp32, and a half-precision CLIP
+            # folder would otherwise build its whole SPM in half (mixed dtypes at the first Linear).
+            clip = CLIPModel.from_pretrained(clip_dir, local_files_only=True, torch_dtype=torch.float32)
         except (OSError, ValueError, KeyError) as exc:
             raise SpoInputError(f"{clip_dir}: cannot load as a CLIP model ({str(exc).splitlines()[0]})") from None
         mean, std = _image_stats(clip_dir)
         kwargs.setdefault("image_mean", mean)
         kwargs.setdefault("image_std", std)
         kwargs.setdefault("tokenizer", _dir_tokenizer(clip_dir))
-        model = cls(clip.config, time_conditioning=time_conditioning, **kwargs)
-        model.clip.load_state_dict(clip.state_dict())
-        return model
+        # The loaded CLIP itself, not a fresh one filled from it: a CLIP-H-size copy would cost 4 GB and its init.
+        return cls(clip.config, time_conditioning=time_conditioning, clip=clip, **kwargs)
 
     @classmethod
     def toy(cls, *, time_conditioning: bool = True, seed: int = 0, **kwargs) -> "StepAwarePreferenceModel":

@@ -2,10 +2,11 @@
 
 One VAE (shared architecture, trained once; then its decoder alone is fine-tuned, as SD's ft-MSE VAE was,
 which keeps the latent space), then per family a UNet trained jointly with its text encoder(s) on epsilon
-prediction with min-SNR weighting and an EMA of the weights, with 10 % caption dropout so classifier-free
-guidance works. `continue_from` resumes all of this from an earlier build (same latent space: the encoder
-is frozen), so a longer budget need not start over. Weights are stored in fp16 to keep the repository
-small; configs say float32, so they load as fp32.
+prediction (or velocity prediction, as SD 2.x-v and several SDXL-family models are) with min-SNR weighting
+and an EMA of the weights, with 10 % caption dropout so classifier-free guidance works. `continue_from`
+resumes all of this from an earlier build (same latent space: the encoder is frozen), so a longer budget need
+not start over; continuing an epsilon build with v_prediction converts it, as SD 2.0-v was made from SD 2.0.
+Weights are stored in fp16 to keep the repository small; configs say float32, so they load as fp32.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from spo.ddim import add_noise
+from spo.ddim import add_noise, velocity
 from spo.images import images_to_tensor
 from spo.models.family import encode, trainable_text_encoders
 from spo.toy.defaults import MODELS as DEFAULT_BUDGET, TOY_MODEL_DIR
@@ -76,7 +77,8 @@ def finetune_decoder(vae, latents: torch.Tensor, pixels: torch.Tensor, steps: in
     vae.eval()
 
 
-def train_denoiser(pipe, latents: torch.Tensor, captions: list[str], steps: int, batch: int, seed: int, lr: float = 1e-3):
+def train_denoiser(pipe, latents: torch.Tensor, captions: list[str], steps: int, batch: int, seed: int, lr: float = 1e-3,
+                   prediction_type: str = "epsilon"):
     from diffusers.training_utils import EMAModel, compute_snr
 
     g = torch.Generator().manual_seed(seed)
@@ -108,8 +110,11 @@ def train_denoiser(pipe, latents: torch.Tensor, captions: list[str], steps: int,
                     drop.view(-1, 1), uncond.added_cond_kwargs["text_embeds"], cond.added_cond_kwargs["text_embeds"])
         pred = pipe.unet(zt, t, **cond.unet_kwargs()).sample
         snr = compute_snr(noise_sched, t)
-        weight = torch.clamp(snr, max=SNR_GAMMA) / snr
-        loss = (weight * F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
+        if prediction_type == "v_prediction":  # min-SNR weights for a velocity target: min(snr, gamma) / (snr + 1)
+            target, weight = velocity(z0, noise, a), torch.clamp(snr, max=SNR_GAMMA) / (snr + 1)
+        else:
+            target, weight = noise, torch.clamp(snr, max=SNR_GAMMA) / snr
+        loss = (weight * F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -125,8 +130,11 @@ def train_denoiser(pipe, latents: torch.Tensor, captions: list[str], steps: int,
 def build(out_dir: Path = TOY_MODEL_DIR, families=("sd15", "sdxl"), n_images: int = DEFAULT_BUDGET["n_images"],
           vae_steps: int = DEFAULT_BUDGET["vae_steps"], unet_steps: int = DEFAULT_BUDGET["unet_steps"],
           batch: int = DEFAULT_BUDGET["batch"], seed: int = 0, decoder_steps: int = DEFAULT_BUDGET["decoder_steps"],
-          continue_from: Path | None = None) -> dict:
+          continue_from: Path | None = None, prediction_type: str | None = None) -> dict:
     """Train (or, with `continue_from`, keep training) the toy pipelines; returns the build record.
+
+    `prediction_type` (epsilon, v_prediction): what the UNet is trained to predict; None keeps the continued
+    build's (epsilon for a fresh one).
 
     `build_info.json` keeps one entry per stage in `history`, so a model continued over several sessions
     still says exactly what it took and on what machine.
@@ -169,10 +177,12 @@ def build(out_dir: Path = TOY_MODEL_DIR, families=("sd15", "sdxl"), n_images: in
         t0 = time.time()
         pipe = pipes[family]
         pipe.register_modules(vae=vae)
+        ptype = info["prediction_type"] = prediction_type or pipe.scheduler.config.prediction_type
         if unet_steps:
             # A continued stage draws fresh batches and noise: re-using the first stage's seed would replay
             # exactly the samples the model has already seen, in the same order.
-            train_denoiser(pipe, latents, captions, unet_steps, batch, seed + len(history))
+            train_denoiser(pipe, latents, captions, unet_steps, batch, seed + len(history), prediction_type=ptype)
+        _set_prediction_type(pipe, ptype)
         info[f"{family}_unet_seconds"] = round(time.time() - t0, 1)
         with atomic_dir(Path(out_dir) / family) as tmp:
             pipe.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
@@ -185,6 +195,12 @@ def build(out_dir: Path = TOY_MODEL_DIR, families=("sd15", "sdxl"), n_images: in
     for family in families:
         write_json(Path(out_dir) / family / "build_info.json", info)
     return info
+
+
+def _set_prediction_type(pipe, prediction_type: str) -> None:
+    """The scheduler config says what the UNet predicts: how diffusers, A1111 and ComfyUI (and spo) read a model."""
+    if pipe.scheduler.config.prediction_type != prediction_type:
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type=prediction_type)
 
 
 def _encode(vae, pixels: torch.Tensor) -> torch.Tensor:

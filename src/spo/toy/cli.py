@@ -26,6 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="keep training the toy models in DIR (its VAE encoder, hence latent space, is kept)")
     b.add_argument("--batch", type=positive_int, default=budget["batch"], help="training batch size (default: %(default)s)")
     b.add_argument("--seed", type=seed, default=0, help="0..2**32-1, -1 for a random one")
+    b.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default=None,
+                   help="what the UNet learns to predict (default: epsilon, or the continued build's); "
+                        "v_prediction with --continue-from an epsilon build converts it")
 
     from spo.toy.defaults import CLIP as clip_budget
 
@@ -78,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
                 (args.continue_from / f / "model_index.json").is_file() for f in families):
             raise SpoInputError(f"{args.continue_from}: no toy model folders for {', '.join(families)} to continue from")
         info = build(args.out or TOY_MODEL_DIR, families, args.images, args.vae_steps, args.unet_steps, args.batch,
-                     args.seed, decoder_steps=args.decoder_steps, continue_from=args.continue_from)
+                     args.seed, decoder_steps=args.decoder_steps, continue_from=args.continue_from,
+                     prediction_type=args.prediction_type)
         print(f"built {', '.join(families)} in {info['total_seconds']} s on {info['machine']} -> {args.out or TOY_MODEL_DIR}")
         return 0
     if args.toy_command == "clip":

@@ -50,7 +50,7 @@ class RunConfig:
     RESUMABLE: ClassVar[tuple[str, ...]] = (
         "output_dir", "resume", "report_to", "progress", "cpu", "keep_checkpoints", "log_every",
         "checkpoint_every_batches", "checkpoint_every_steps", "save_every_epochs", "validation_images", "epochs",
-        "max_train_steps", "train_micro_batch", "gradient_checkpointing", "num_workers")
+        "max_train_steps", "train_micro_batch", "gradient_checkpointing", "num_workers", "judge_batch")
 
     base: str = opt(DEFAULT_SOURCE, "base model: a built-in name (the embedded toy models), a diffusers folder or a "
                                     "single-file checkpoint (.safetensors)")
@@ -120,6 +120,8 @@ class SPOConfig(FinetuneConfig):
     train_batch_size: int = opt(10, "kept transitions per train batch, per process: one backward on their mean loss "
                                     "(paper: 10 SD1.5, 2 SDXL)")
     inner_epochs: int = opt(1, "passes over each round's kept transitions, reshuffled each time (paper: 1)")
+    judge_batch: int = opt(0, "candidates decoded and scored per VAE/SPM call while judging (0: all of a step's "
+                              "k x sample_batch_size at once; fewer bound the judging memory, `spo plan` says)")
     beta: float = opt(10.0, "beta of the SPO loss")
     clip_eps: float = opt(0.1, "ratio clipping band of the SPO loss: p_theta / p_ref is clamped to "
                                "[1 - clip_eps, 1 + clip_eps] (paper: 0.1)")

@@ -15,15 +15,21 @@ from spo.sampling.resampler import Pairs, sample_pairs
 from spo.train.config import SPOConfig
 
 
-def make_judge(scorer, pipe, prompts: list[str]):
-    """judge_fn for the resampler: decode predicted clean latents with the VAE, score at the timestep."""
+def make_judge(scorer, pipe, prompts: list[str], chunk: int = 0):
+    """judge_fn for the resampler: decode predicted clean latents with the VAE, score at the timestep; `chunk`
+    candidates at a time (0: all at once): the decoded images of every candidate are the judging memory peak."""
     from spo.models.vae import decode
 
     vae = pipe.vae
 
     def judge(x0: torch.Tensor, rows: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        images = decode(vae, x0)  # in fp32 where fp16 would overflow (the original SDXL VAE)
-        return torch.as_tensor(scorer(images, [prompts[r] for r in rows.tolist()], t)).float().to(x0.device)
+        step = chunk or len(x0)
+        scores = []
+        for s in range(0, len(x0), step):
+            images = decode(vae, x0[s:s + step])  # in fp32 where fp16 would overflow (the original SDXL VAE)
+            got = scorer(images, [prompts[r] for r in rows[s:s + step].tolist()], t[s:s + step])
+            scores.append(torch.as_tensor(got).float().to(x0.device))
+        return torch.cat(scores)
 
     return judge
 
@@ -44,7 +50,8 @@ def collect_pairs(pipe, model, scorer, prompts: list[str], generators, cfg: SPOC
                                  param.guidance_rescale).float()
 
         x_T = torch.stack([torch.randn(latent_shape, generator=g) for g in generators]).to(device)
-        _, pairs = sample_pairs(model_fn, make_judge(scorer, pipe, prompts), x_T, timesteps, a_t, a_prev, generators,
+        judge = make_judge(scorer, pipe, prompts, cfg.judge_batch)
+        _, pairs = sample_pairs(model_fn, judge, x_T, timesteps, a_t, a_prev, generators,
                                 k=cfg.k, divert_start_step=cfg.divert_start_step, threshold=cfg.threshold,
                                 num_inner_steps=cfg.num_inner_steps, eta=cfg.eta, prediction_type=param.prediction_type)
     return pairs, cond, uncond
