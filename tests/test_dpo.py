@@ -54,6 +54,21 @@ def _write_pairs(path, n=12, ties_every=4, seed=0):
     return path
 
 
+
+def _interrupt_after(monkeypatch, batches: int):
+    """Make DPO raise KeyboardInterrupt at its (batches + 1)-th train batch; returns the real method."""
+    calls = {"n": 0}
+    real = dpo_recipe.DPOMethod.train_batch
+
+    def interrupt(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == batches + 1:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dpo_recipe.DPOMethod, "train_batch", interrupt)
+    return real
+
 def test_pure_loss():
     e = torch.tensor([0.3, 0.2])
     torch.testing.assert_close(diffusion_dpo_loss(e, e, e, e, 5000.0), torch.full((2,), math.log(2)))
@@ -142,16 +157,7 @@ def test_training_moves_the_lora_and_resumes_mid_epoch_exactly(tmp_path, monkeyp
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in lora.items())  # the LoRA moved
 
     # Interrupt the second run in epoch 2 after its first batch, then resume: same LoRA, bit for bit.
-    calls = {"n": 0}
-    real = dpo_recipe.DPOMethod.train_batch
-
-    def interrupt_after_five(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 6:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(dpo_recipe.DPOMethod, "train_batch", interrupt_after_five)
+    real = _interrupt_after(monkeypatch, 5)
     cfg_b = dict(TINY, data=[data], epochs=2, checkpoint_every_batches=1, output_dir=str(tmp_path / "b"))
     with pytest.raises(KeyboardInterrupt):
         train_dpo(build_config("dpo-toy-sd15", overrides=cfg_b, cls=DPOConfig), log=lambda *_: None)
@@ -239,16 +245,7 @@ def test_a_set_larger_than_the_buffer_is_streamed_in_block_order_and_resumes_exa
     full = train_dpo(build_config("dpo-toy-sd15", overrides=dict(cfg, output_dir=str(tmp_path / "a")), cls=DPOConfig),
                      log=lambda *_: None)
     assert full["pairs"] == 9 and full["steps"] == 8
-    calls = {"n": 0}
-    real = dpo_recipe.DPOMethod.train_batch
-
-    def interrupt_after_five(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 6:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(dpo_recipe.DPOMethod, "train_batch", interrupt_after_five)
+    real = _interrupt_after(monkeypatch, 5)
     with pytest.raises(KeyboardInterrupt):
         train_dpo(build_config("dpo-toy-sd15", overrides=dict(cfg, output_dir=str(tmp_path / "b")), cls=DPOConfig),
                   log=lambda *_: None)
