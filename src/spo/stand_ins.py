@@ -38,17 +38,12 @@ class _Components:
     """What spo.formats.single_file.pipeline_to_original reads of a pipeline: its models, on meta."""
 
     def __init__(self, family: str):
-        from diffusers import AutoencoderKL, UNet2DConditionModel
-        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+        from spo.models.loading import meta_components
 
-        folder = BY_NAME[family].config_dir
-        with torch.device("meta"):
-            self.unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
-            self.vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae"))
-            self.text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder"))
-            if family == "sdxl":
-                self.text_encoder_2 = CLIPTextModelWithProjection(
-                    CLIPTextConfig.from_pretrained(folder / "text_encoder_2"))
+        self.unet, self.vae, encoders = meta_components(BY_NAME[family].config_dir, family)
+        self.text_encoder = encoders[0]
+        if family == "sdxl":
+            self.text_encoder_2 = encoders[1]
 
 
 def random_checkpoint(family: str, out: str | Path, dtype: str = "fp16", seed: int = 0) -> dict:

@@ -67,3 +67,18 @@ def _with_vae(pipe, vae: str | Path | None):
 
         use_vae(pipe, vae)
     return pipe
+
+
+def meta_components(folder: str | Path, family: str) -> tuple:
+    """(unet, vae, text encoders) of a diffusers config folder on the meta device: every shape, no memory."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    folder = Path(folder)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae"))
+        encoders = [CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder"))]
+        if family == "sdxl":
+            encoders.append(CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(folder / "text_encoder_2")))
+    return unet, vae, encoders

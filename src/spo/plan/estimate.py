@@ -161,9 +161,11 @@ def optimizer_bytes(cfg, trainable_params: int) -> int:
 
 def plan(models: MetaModels, cfg, side: int, prompts: int, processes: int = 1) -> dict:
     trained = sum(p.numel() for p in models.unet.parameters() if p.requires_grad)
+    from spo.train.finetune import weight_dtype
+
     frozen_unet = parameter_bytes(models.unet, trainable=False)
     if cfg.full_finetune:  # the trained UNet is counted below in fp32; the frozen reference copy is in the run dtype
-        frozen_unet = sum(p.numel() for p in models.unet.parameters()) * torch.finfo(models.vae.dtype).bits // 8
+        frozen_unet = sum(p.numel() for p in models.unet.parameters()) * torch.finfo(weight_dtype(cfg)).bits // 8
     weights = {"unet": frozen_unet, "text encoders":
                sum(parameter_bytes(m) for m in models.text_encoders), "vae": parameter_bytes(models.vae),
                "spm": parameter_bytes(models.spm), "trained parameters": 4 * trained,
@@ -211,8 +213,6 @@ def peak(result: dict) -> tuple[str, float]:
 def suggest(models: MetaModels, cfg, result: dict, budget_gib: float, side: int) -> dict | None:
     """The cheapest memory options that fit `budget_gib`: first smaller judging and training micro-batches (no
     extra FLOPs), then gradient checkpointing (one more forward in training) with them. None if nothing fits."""
-    import dataclasses
-
     budget = budget_gib * GIB
 
     def peak_with(res: dict, judge: int, micro: int) -> float:
@@ -229,13 +229,13 @@ def suggest(models: MetaModels, cfg, result: dict, budget_gib: float, side: int)
 
     per_transition = training_rows(cfg)
     tries = [(result, False)]
-    if not cfg.gradient_checkpointing:
+    if not cfg.gradient_checkpointing:  # only training's activations change: re-trace that phase alone
         models.unet.enable_gradient_checkpointing()
         try:
-            checked = dataclasses.replace(cfg, gradient_checkpointing=True)
-            tries.append((plan(models, checked, side, 1), True))
+            checked = fit_phase(training_call, models, side, cfg.cfg_scale)
         finally:
             models.unet.disable_gradient_checkpointing()
+        tries.append(({**result, "fits": {**result["fits"], "training": checked}}, True))
     for res, checkpointing in tries:
         for micro in halvings(res["phases"]["training"]["rows"] // per_transition):
             for judge in halvings(res["phases"]["judging"]["rows"]):

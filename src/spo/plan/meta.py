@@ -93,20 +93,19 @@ def _vae_folder(vae: str) -> Path | None:
 
 def meta_models(base: str, cfg, spm: str = "") -> MetaModels:
     """The run's models on the meta device, in the dtypes the trainer uses (spo.train.finetune)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPConfig, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from diffusers import AutoencoderKL
+    from transformers import CLIPConfig
 
+    from spo.models.loading import meta_components
     from spo.spm.model import StepAwarePreferenceModel
     from spo.train.finetune import add_lora, weight_dtype
 
     family, folder = config_folder(base)
     dtype = weight_dtype(cfg)
+    unet, vae, encoders = meta_components(folder, family)
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
-        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(_vae_folder(cfg.vae) or folder / "vae"))
-        encoders = [CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder"))]
-        if family == "sdxl":
-            encoders.append(CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(folder / "text_encoder_2")))
+        if _vae_folder(cfg.vae):
+            vae = AutoencoderKL.from_config(AutoencoderKL.load_config(_vae_folder(cfg.vae)))
         clip_config, timed, what = _spm_clip_config(spm, family, base)
         spm_model = StepAwarePreferenceModel(CLIPConfig.from_dict(clip_config), time_conditioning=timed)
     if cfg.full_finetune:
