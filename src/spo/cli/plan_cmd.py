@@ -79,16 +79,14 @@ def _text(result: dict, cfg, fitting: dict | None, budget: float | None, utilisa
 
 
 def run(args: argparse.Namespace) -> int:
+    from spo.cli.train_cmd import resolved_config
     from spo.errors import SpoInputError
     from spo.plan.estimate import DEFAULT_UTILISATION, plan, suggest, times
     from spo.plan.meta import meta_models
-    from spo.train.config import from_args
+    from spo.train.config import SPOConfig
 
-    cfg = from_args(args)
-    if args.print_config:
-        from spo.train.config import to_toml
-
-        print(to_toml(cfg), end="")
+    cfg = resolved_config(args, SPOConfig)  # the settings `spo train` would run with (--print-config prints them)
+    if cfg is None:
         return 0
     utilisation = DEFAULT_UTILISATION if args.utilisation is None else args.utilisation
     if not 0 < utilisation <= 1:
