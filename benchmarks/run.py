@@ -767,6 +767,9 @@ def main(argv: list[str]) -> None:
     v.add_argument("--n", type=int, default=128, help="held-out images per arm")
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--work", default="outputs/bench-vpred-toy")
+    import fullsize  # benchmarks/fullsize.py
+
+    fullsize.add_arguments(sub.add_parser("fullsize"))
     pp = sub.add_parser("plan-presets")
     pp.add_argument("--presets", nargs="+", default=["sd15", "sdxl"])
     pp.add_argument("--prompts", type=int, default=4000)
@@ -777,7 +780,8 @@ def main(argv: list[str]) -> None:
           "merge-sdxl": merge_sdxl, "quality": quality, "selection": selection, "spm-time": spm_time,
           "data-scale": data_scale.data_scale,
           "vpred-toy": lambda a: __import__("vpred_toy").vpred_toy(a, run_child),
-          "plan-presets": lambda a: __import__("plan_presets").plan_presets(a)}[args.name]
+          "plan-presets": lambda a: __import__("plan_presets").plan_presets(a),
+          "fullsize": fullsize.fullsize}[args.name]
     if args.name == "quality":
         name = quality_name(args)
     elif args.name == "selection":

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from show_helpers import PROMPT, error_lines, main_in_process, make_lora, run_cli
@@ -63,6 +64,18 @@ def test_cli_same_seed_identical_and_parameters_chunk(tmp_path, lora):
     index = json.loads((outs[0] / "index.json").read_text())
     assert [e["seed"] for e in index["images"]] == [123, 124]
     assert index["images"][0]["loras"][0]["strength"] == 0.7
+
+
+def test_bf16_weights_give_the_fp32_picture_closely(gen_base):
+    from spo.show.generate import Generator, Settings
+
+    half = Generator("toy:sd15", dtype="bf16")
+    assert half.pipe.unet.dtype == half.pipe.vae.dtype == half.pipe.text_encoder.dtype == torch.bfloat16
+    settings = Settings(steps=4)
+    a = _arr(gen_base([PROMPT], [3], settings)[0])
+    b = _arr(half([PROMPT], [3], settings)[0])
+    other = _arr(gen_base([PROMPT], [4], settings)[0])
+    assert np.abs(a - b).mean() < 0.25 * np.abs(a - other).mean()  # closer to its fp32 twin than another seed is
 
 
 def test_infotext_roundtrip_quotes():

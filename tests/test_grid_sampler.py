@@ -40,6 +40,14 @@ def test_labels_go_under_their_cells():
     assert (strip < 128).any()  # some text was drawn
 
 
+def same_image(a, b) -> bool:
+    """Equal up to float rounding of batched kernels: on AVX-512 CPUs oneDNN's convolutions give batch-size-dependent
+    last bits (UNet output 1.4e-6 apart for batch 1 vs 3, measured), which move 0.07 % of pixels by one level of 255.
+    A seed mix-up or a batch-dependent noise draw changes most pixels by far more."""
+    d = np.abs(np.asarray(a).astype(int) - np.asarray(b).astype(int))
+    return d.max() <= 1 and (d > 0).mean() < 0.01
+
+
 def test_each_image_depends_only_on_its_seed():
     pipe = load_pipeline("toy:sd15")
     prompts = ["a small red circle on a gray background, bottom right", "a large blue square on a white background, top left",
@@ -49,8 +57,8 @@ def test_each_image_depends_only_on_its_seed():
     assert seeds == [4 * 1_000_003, 4 * 1_000_003 + 1, 4 * 1_000_003 + 2]
     one = sample_images(pipe, prompts, seeds, batch=1, **kw)
     three = sample_images(pipe, prompts, seeds, batch=3, **kw)
-    assert all((np.asarray(a) == np.asarray(b)).all() for a, b in zip(one, three))
+    assert all(same_image(a, b) for a, b in zip(one, three))
     last = sample_images(pipe, prompts[2:], seeds[2:], batch=1, **kw)[0]
-    assert (np.asarray(last) == np.asarray(three[2])).all()
+    assert same_image(last, three[2])
     native = sample_native(pipe, prompts, seeds, steps=3, batch=2, progress=False)
-    assert all((np.asarray(a) == np.asarray(b)).all() for a, b in zip(native, three))
+    assert all(same_image(a, b) for a, b in zip(native, three))

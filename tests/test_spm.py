@@ -175,6 +175,23 @@ def test_save_load_roundtrip_and_size(tmp_path):
         StepAwarePreferenceModel.load(tmp_path)
 
 
+def test_load_in_bf16_fills_every_weight_from_the_file(tmp_path):
+    """Built on meta and filled from the file: no weight is left uninitialised, all are bf16, scores follow fp32's."""
+    spm = StepAwarePreferenceModel.toy(family="sd15")
+    _perturb_time_modules(spm)
+    spm.save(tmp_path / "spm")
+    half = StepAwarePreferenceModel.load(tmp_path / "spm", dtype=torch.bfloat16)
+    assert not any(p.is_meta for p in half.parameters()) and not any(b.is_meta for b in half.buffers())
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    saved = spm.state_dict()
+    for k, v in half.state_dict().items():
+        torch.testing.assert_close(v, saved[k].to(torch.bfloat16), atol=0, rtol=0)
+    with torch.no_grad():
+        t = torch.tensor([0, 300, 900])
+        full, low = spm.eval()(_images(), PROMPTS, t), half(_images(), PROMPTS, t).float()
+    torch.testing.assert_close(low, full, atol=0.05 * float(full.abs().max()), rtol=0.05)
+
+
 def test_check_family():
     spm = StepAwarePreferenceModel.toy(family="sd15", base_model="toy:sd15")
     check_family(spm, "sd15")

@@ -92,6 +92,10 @@ def test_cli_siblings_writes_json_and_plot_and_refuses_bad_input(tmp_path):
     assert "pick_gain_spo.toy.judge:alignment_preference" in row["scorers"]["sib_scorers:darkness"]
     assert (out / "siblings.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "coin flip" in r.stdout
+    half = _spo(tmp_path, "toy:sd15", "--prompts", "prompts.txt", "-n", "2", "--k", "2", "--at-steps", "10",
+                "--dtype", "bf16", "--out", str(tmp_path / "half"), "--no-progress")  # the toy SPM and judge in bf16
+    assert half.returncode == 0, half.stderr[-2000:]
+    assert json.loads((tmp_path / "half" / "siblings.json").read_text())["rows"][0]["step"] == 10
     for bad, why in [(["--at-steps", "20"], "--at-steps must be in [0, 20)"), (["--k", "1"], "at least 2"),
                      (["--base", str(tmp_path)], "give --reference")]:
         r = _spo(tmp_path, "sib_scorers:brightness", "--out", str(tmp_path / "x"), *bad)

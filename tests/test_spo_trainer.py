@@ -291,3 +291,40 @@ def test_one_round_follows_the_official_update_structure(tmp_path):
         torch.testing.assert_close(ours[key], theirs[key], atol=2e-6, rtol=1e-4)
         moved = max(moved, float((theirs[key] - start["unet." + key]).abs().max()))
     assert moved > 1e-4, "the plain loop's weights did not move"
+
+
+def test_training_at_another_resolution_in_bf16(tmp_path):
+    """`resolution` sets the side SPO samples and judges at (SDXL's micro-conditioning follows it); under bf16 mixed
+    precision the frozen base loads in bf16 while the LoRA trains and saves in fp32."""
+    sides = []
+
+    def scorer(images, prompts, t):
+        sides.append(tuple(images.shape[-2:]))
+        return brightness(images.float(), prompts, t)
+
+    cfg = build_config("toy-sdxl", overrides=dict(TINY, max_prompts=2, epochs=1, resolution=64, mixed_precision="bf16",
+                                                  output_dir=str(tmp_path / "run")))
+    result = train(cfg, scorer, log=lambda *_: None)
+    native = load_pipeline("toy:sdxl").unet.config.sample_size * 2
+    assert native != 64 and set(sides) == {(64, 64)}
+    lora = load_file(result["lora"])
+    assert lora and all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in lora.values())
+    assert result["history"][-1]["pairs"] > 0
+
+
+def test_sdxl_micro_conditioning_names_the_training_side():
+    pipe = load_pipeline("toy:sdxl")
+    cond = encode(pipe, ["a small red circle on a white background, top left"], side=64)
+    assert cond.added_cond_kwargs["time_ids"].tolist() == [[64, 64, 0, 0, 64, 64]]
+    native = encode(pipe, ["a small red circle on a white background, top left"])
+    side = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    assert native.added_cond_kwargs["time_ids"].tolist() == [[side, side, 0, 0, side, side]]
+
+
+def test_frozen_weights_load_in_the_mixed_precision():
+    from spo.train.finetune import load_dtype
+
+    assert load_dtype(build_config("toy-sd15", overrides=dict(mixed_precision="bf16"))) == torch.bfloat16
+    assert load_dtype(build_config("toy-sd15", overrides=dict(mixed_precision="no"))) == torch.float32
+    # the whole UNet trains: it must be loaded (and kept) in fp32 whatever the mixed precision
+    assert load_dtype(build_config("toy-sd15", overrides=dict(mixed_precision="bf16", full_finetune=True))) == torch.float32

@@ -49,12 +49,12 @@ from pathlib import Path
 
 import torch
 
+from spo.dtypes import DTYPES
 from spo.errors import SpoInputError
 from spo.formats import single_file as sf
 from spo.io import check_output_dir, check_output_file
 from spo.formats.metadata import checkpoint_metadata, header_length
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 ST_DTYPE = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
             torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
 EXTRA_BLOCKS = ("TE", "OTHER")

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
+from spo.dtypes import DTYPES
 from spo.errors import SpoInputError
 from spo.models.family import BY_NAME, CONFIG_DIR
 
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 CLIP_CONFIGS = {"clip-h": CONFIG_DIR / "clip-vit-h-14"}
 
 

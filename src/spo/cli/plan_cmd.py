@@ -13,8 +13,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from spo.train.config import add_arguments as add_config_arguments
 
     add_config_arguments(parser)
-    parser.add_argument("--resolution", type=positive_int, default=None,
-                        help="image side in pixels (default: the model's native one)")
     parser.add_argument("--spm", default="", help="the SPM that judges (an SPM or CLIP folder; default: --preference "
                                                   "when it is an SPM folder, a built-in base's own, else CLIP-ViT-H-14)")
     parser.add_argument("--gpu-memory", type=float, default=None, metavar="GIB",
@@ -82,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
     from spo.cli.train_cmd import resolved_config
     from spo.errors import SpoInputError
     from spo.plan.estimate import DEFAULT_UTILISATION, plan, suggest, times
+    from spo.models.family import latent_side
     from spo.plan.meta import meta_models
     from spo.train.config import SPOConfig
 
@@ -94,10 +93,8 @@ def run(args: argparse.Namespace) -> int:
     if args.gpu_memory is not None and args.gpu_memory <= 0:
         raise SpoInputError(f"--gpu-memory {args.gpu_memory}: give the accelerator memory in GiB")
     models = meta_models(cfg.base, cfg, args.spm or cfg.preference)
-    side = args.resolution or models.resolution
-    factor = 2 ** (len(models.vae.config.block_out_channels) - 1)
-    if side % (factor * 8):
-        raise SpoInputError(f"--resolution {side}: must be a multiple of {factor * 8} for this model")
+    side = cfg.resolution or models.resolution
+    latent_side(side, 2 ** (len(models.vae.config.block_out_channels) - 1), "--resolution")
     result = plan(models, cfg, side, _prompt_count(cfg, args.prompt_count), args.processes)
     fitting = suggest(models, cfg, result, args.gpu_memory, side) if args.gpu_memory is not None else None
     if args.json:

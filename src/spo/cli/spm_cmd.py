@@ -58,6 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "single-file .safetensors")
     add_vae_argument(g)
     g.add_argument("--cpu", action="store_true", help="run on CPU even when a GPU is present")
+    g.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="precision of the base model and the scorers: bf16 halves the memory, fp16 needs a GPU "
+                        "(default: %(default)s)")
     g.add_argument("--prompts", default=None, metavar="FILE",
                    help="prompts (JSON list, text, CSV/parquet); default for a built-in base model: its held-out prompts")
     g.add_argument("--prompt-column", default=None, help="column of a CSV/parquet prompts file")
@@ -198,20 +201,25 @@ def _siblings(args) -> int:
     check_output_dir(args.out)
     import torch
 
+    from spo.dtypes import DTYPES
+
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
-    pipe = load_pipeline(base, vae=args.vae)
+    if args.dtype == "fp16" and device.type == "cpu":
+        raise SpoInputError("--dtype fp16 needs a GPU; use bf16 on CPU")
+    dtype = DTYPES[args.dtype]
+    pipe = load_pipeline(base, dtype=dtype, vae=args.vae)
     freeze(pipe)
     pipe.to(device)
     family = family_of(pipe)
 
     scorers = {}
     for spec in map(sources.preference_spec, args.preference):
-        scorer = load_scorer(spec, family=family, device=device)
+        scorer = load_scorer(spec, family=family, device=device, dtype=dtype)
         scorers[model_name(spec, scorer) if find_spm_dir(spec) else spec] = scorer
     reference = args.reference or source.reference
-    references = {reference: load_scorer(reference, device=device)}
+    references = {reference: load_scorer(reference, device=device, dtype=dtype)}
     for extra in source.references if source is not None else ():  # e.g. what the pick costs in alignment
-        references.setdefault(extra, load_scorer(extra, device=device))
+        references.setdefault(extra, load_scorer(extra, device=device, dtype=dtype))
     result = sibling_agreement(pipe, scorers, references, prompts, k=args.k, steps=args.at_steps,
                                num_steps=args.num_steps, cfg=args.cfg, eta=args.eta, seed=args.seed,
                                batch=args.batch_size, progress=args.progress)

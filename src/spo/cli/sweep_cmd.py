@@ -69,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
     prompts = collect_prompts(args)
     settings = Settings(steps=args.steps, cfg=args.cfg, scheduler=check_scheduler(args.scheduler), width=args.width,
                         height=args.height, negative_prompt=args.negative_prompt, denoise=args.denoise,
-                        prediction_type=args.prediction_type, guidance_rescale=check_rescale(args.guidance_rescale))
+                        prediction_type=args.prediction_type, guidance_rescale=check_rescale(args.guidance_rescale),
+                        dtype=args.dtype)
     values = {"strength": _flat(args.strengths), "denoise": _flat(args.denoises),
               "seed": _flat(args.seeds) or ([args.seed + i for i in range(4)] if "seed" in (args.x_axis, args.y_axis)
                                             else [args.seed]),

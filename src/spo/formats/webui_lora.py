@@ -27,12 +27,12 @@ from pathlib import Path
 
 import torch
 
+from spo.dtypes import DTYPES
 from spo.errors import SpoInputError
 from spo.formats import single_file as sf
 from spo.models.family import BY_NAME
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 WEBUI_TE_PREFIX = {(f.name, component): prefix for f in BY_NAME.values() for component, prefix in f.webui_te_prefix.items()}
 
 

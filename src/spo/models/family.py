@@ -94,10 +94,18 @@ def native_resolution(pipe) -> int:
     return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
 
 
-def encode(pipe, prompts: list[str], negative: bool = False) -> Conditioning:
+def latent_side(side: int, vae_factor: int, where: str = "resolution") -> int:
+    """The latent side of a `side`-pixel image; the UNet's three downsamplings need a multiple of 8 latents."""
+    if side <= 0 or side % (vae_factor * 8):
+        raise SpoInputError(f"{where} {side}: must be a multiple of {vae_factor * 8} for this model")
+    return side // vae_factor
+
+
+def encode(pipe, prompts: list[str], negative: bool = False, side: int | None = None) -> Conditioning:
     """Conditioning for `prompts` (or, with negative=True, the unconditional branch for as many rows).
 
-    SDXL's unconditional branch is all zeros (force_zeros_for_empty_prompt, as its pipeline does).
+    SDXL's unconditional branch is all zeros (force_zeros_for_empty_prompt, as its pipeline does); its
+    micro-conditioning names `side` (default: the native resolution) as original and target size.
     """
     device = pipe.unet.device
     if family_of(pipe) == "sd15":
@@ -110,12 +118,12 @@ def encode(pipe, prompts: list[str], negative: bool = False) -> Conditioning:
                                               do_classifier_free_guidance=False)
     if negative:
         embeds, pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
-    return Conditioning(embeds, {"text_embeds": pooled, "time_ids": add_time_ids(pipe, len(prompts), embeds.dtype)})
+    return Conditioning(embeds, {"text_embeds": pooled, "time_ids": add_time_ids(pipe, len(prompts), embeds.dtype, side)})
 
 
-def add_time_ids(pipe, batch: int, dtype=torch.float32) -> torch.Tensor:
-    """SDXL micro-conditioning: original size, crop top-left, target size (no crop, native resolution)."""
-    side = native_resolution(pipe)
+def add_time_ids(pipe, batch: int, dtype=torch.float32, side: int | None = None) -> torch.Tensor:
+    """SDXL micro-conditioning: original size, crop top-left, target size (no crop; default native resolution)."""
+    side = side or native_resolution(pipe)
     ids = torch.tensor([side, side, 0, 0, side, side], dtype=dtype, device=pipe.unet.device)
     return ids.expand(batch, 6)
 

@@ -219,6 +219,7 @@ class Settings:
     strengths: list[float] = field(default_factory=list)  # one per LoRA
     prediction_type: str = "auto"  # what the UNet predicts: auto (the model's own) | epsilon | v_prediction
     guidance_rescale: float = -1.0  # rescaled CFG phi; -1: auto (0.7 for a zero-terminal-SNR model, else 0)
+    dtype: str = "fp32"  # the weights' precision: fp32 | bf16 | fp16 (GPU)
 
 
 class Generator:
@@ -226,21 +227,26 @@ class Generator:
 
     def __init__(self, model: str = DEFAULT_MODEL, loras: list[LoraSpec] | None = None, *, family: str | None = None,
                  img2img: bool = False, device: str | None = None, vae: str | os.PathLike | None = None,
-                 prediction_type: str = "auto"):
+                 prediction_type: str = "auto", dtype: str = "fp32"):
         import torch
 
+        from spo.dtypes import DTYPES
         from spo.models.loading import load_pipeline
 
         self.model = str(model)
         self.vae = str(vae) if vae else None
         self.loras = list(loras or [])
-        pipe = load_pipeline(model, family, vae=vae, prediction_type=prediction_type)
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if dtype not in DTYPES:
+            raise SpoInputError(f"dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+        if dtype == "fp16" and self.device == "cpu":
+            raise SpoInputError("--dtype fp16 needs a GPU; use bf16 on CPU")
+        pipe = load_pipeline(model, family, dtype=DTYPES[dtype], vae=vae, prediction_type=prediction_type)
         if img2img:
             from diffusers import AutoPipelineForImage2Image
 
             # Same modules, img2img call: the LoRAs loaded below land in the shared UNet / text encoders.
             pipe = AutoPipelineForImage2Image.from_pipe(pipe)
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         pipe = pipe.to(self.device)
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe
@@ -501,7 +507,7 @@ def generate(model: str, prompts: list[str], out: str | os.PathLike, *, loras: l
     warn_unreadable_prompts(model, prompts)
 
     gen = Generator(model, loras, family=family, img2img=init is not None, vae=vae,
-                    prediction_type=settings.prediction_type)
+                    prediction_type=settings.prediction_type, dtype=settings.dtype)
     size = gen.size(settings, init)
     jobs = [(p, seed + i) for i, p in enumerate(p for p in prompts for _ in range(num_images))]
     counter = next_counter(out) if out.is_dir() else 0

@@ -187,7 +187,7 @@ def sweep(model: str, prompts: list[str], out, *, loras=None, values: dict[str, 
     out = check_output_dir(out)
 
     gen = g.Generator(model, loras, family=family, img2img=init is not None, vae=vae,
-                      prediction_type=settings.prediction_type)
+                      prediction_type=settings.prediction_type, dtype=settings.dtype)
     size = gen.size(settings, init)
     fixed = {a: values[a][0] for a in AXES if a not in (x, y) and a in values and len(values[a]) == 1}
     # Each distinct generation setting makes all its (prompt, seed) images in one fixed order and batching.

@@ -140,17 +140,18 @@ class StepAwarePreferenceModel(nn.Module):
     # ----------------------------------------------------------------------------------- constructors
 
     @classmethod
-    def from_clip(cls, clip_dir: str | Path, *, time_conditioning: bool = True, **kwargs) -> "StepAwarePreferenceModel":
-        """From a local CLIP checkpoint folder in transformers format (config.json + weights)."""
+    def from_clip(cls, clip_dir: str | Path, *, time_conditioning: bool = True, dtype: torch.dtype = torch.float32,
+                  **kwargs) -> "StepAwarePreferenceModel":
+        """From a local CLIP checkpoint folder in transformers format (config.json + weights), in `dtype`."""
         from transformers import CLIPModel
 
         clip_dir = Path(clip_dir)
         if not (clip_dir / "config.json").is_file():
             raise SpoInputError(f"{clip_dir}: not a transformers CLIP folder (no config.json)")
         try:
-            # fp32 whatever the folder's weights are: the SPM's own layers are fp32, and a half-precision CLIP
-            # folder would otherwise build its whole SPM in half (mixed dtypes at the first Linear).
-            clip = CLIPModel.from_pretrained(clip_dir, local_files_only=True, torch_dtype=torch.float32)
+            # `dtype` whatever the folder's weights are: the SPM's own layers follow it below, and a half-precision
+            # CLIP folder would otherwise leave CLIP and those layers in different dtypes (error at the first Linear).
+            clip = CLIPModel.from_pretrained(clip_dir, local_files_only=True, torch_dtype=dtype)
         except (OSError, ValueError, KeyError) as exc:
             raise SpoInputError(f"{clip_dir}: cannot load as a CLIP model ({str(exc).splitlines()[0]})") from None
         mean, std = _image_stats(clip_dir)
@@ -158,7 +159,7 @@ class StepAwarePreferenceModel(nn.Module):
         kwargs.setdefault("image_std", std)
         kwargs.setdefault("tokenizer", _dir_tokenizer(clip_dir))
         # The loaded CLIP itself, not a fresh one filled from it: a CLIP-H-size copy would cost 4 GB and its init.
-        return cls(clip.config, time_conditioning=time_conditioning, clip=clip, **kwargs)
+        return cls(clip.config, time_conditioning=time_conditioning, clip=clip, **kwargs).to(dtype)
 
     @classmethod
     def toy(cls, *, time_conditioning: bool = True, seed: int = 0, **kwargs) -> "StepAwarePreferenceModel":
@@ -301,8 +302,12 @@ class StepAwarePreferenceModel(nn.Module):
         return out_dir
 
     @classmethod
-    def load(cls, spm_dir: str | Path, *, device: str | torch.device | None = None) -> "StepAwarePreferenceModel":
-        from safetensors.torch import load_file
+    def load(cls, spm_dir: str | Path, *, device: str | torch.device | None = None,
+             dtype: torch.dtype = torch.float32) -> "StepAwarePreferenceModel":
+        """A saved SPM in `dtype`. Built on the meta device and filled tensor by tensor from the file (accelerate's
+        init_empty_weights): a CLIP-H SPM then costs its weights once, not a random init plus the file's copy."""
+        from accelerate import init_empty_weights
+        from safetensors import safe_open
         from transformers import CLIPConfig
 
         spm_dir = Path(spm_dir)
@@ -319,16 +324,18 @@ class StepAwarePreferenceModel(nn.Module):
             raise SpoInputError(f"{spm_dir}: {WEIGHTS_NAME} is missing")
         tokenizer = _dir_tokenizer(spm_dir / TOKENIZER_DIR) if cfg.get("tokenizer") == "own" else None
         te = cfg.get("time_embedding") or {}
-        model = cls(CLIPConfig.from_dict(cfg["clip_config"]), time_conditioning=cfg.get("time_conditioning", True),
-                    frequency_dim=te.get("frequency_dim", FREQUENCY_DIM), max_period=te.get("max_period", MAX_PERIOD),
-                    image_mean=cfg.get("image_mean", CLIP_MEAN), image_std=cfg.get("image_std", CLIP_STD),
-                    tokenizer=tokenizer, family=cfg.get("family"), base_model=cfg.get("base_model"),
-                    training=cfg.get("training"))
+        with init_empty_weights(include_buffers=False):
+            model = cls(CLIPConfig.from_dict(cfg["clip_config"]), time_conditioning=cfg.get("time_conditioning", True),
+                        frequency_dim=te.get("frequency_dim", FREQUENCY_DIM), max_period=te.get("max_period", MAX_PERIOD),
+                        image_mean=cfg.get("image_mean", CLIP_MEAN), image_std=cfg.get("image_std", CLIP_STD),
+                        tokenizer=tokenizer, family=cfg.get("family"), base_model=cfg.get("base_model"),
+                        training=cfg.get("training"))
         try:
-            state = load_file(str(spm_dir / WEIGHTS_NAME))
+            with safe_open(str(spm_dir / WEIGHTS_NAME), framework="pt") as f:
+                state = {k: f.get_tensor(k).to(dtype) for k in f.keys()}
         except Exception as exc:  # safetensors raises its own error types for corrupt files
             raise SpoInputError(f"{spm_dir / WEIGHTS_NAME}: cannot read ({exc})") from None
-        _load_exact(model, state, str(spm_dir / WEIGHTS_NAME))
+        _load_exact(model, state, str(spm_dir / WEIGHTS_NAME), assign=True)
         model.eval()
         return model.to(device) if device is not None else model
 
@@ -421,7 +428,8 @@ def _image_stats(folder: Path) -> tuple[list[float], list[float]]:
     return list(CLIP_MEAN), list(CLIP_STD)
 
 
-def _load_exact(model: nn.Module, state: dict, source: str) -> None:
+def _load_exact(model: nn.Module, state: dict, source: str, assign: bool = False) -> None:
+    """Load `state` into `model`, refusing any key or shape mismatch with one line; `assign` for a meta model."""
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -437,7 +445,7 @@ def _load_exact(model: nn.Module, state: dict, source: str) -> None:
         k = bad[0]
         raise SpoInputError(f"{source}: {len(bad)} tensor(s) have the wrong shape, e.g. {k} "
                             f"{list(state[k].shape)} vs {list(own[k].shape)}")
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(state, strict=True, assign=assign)
 
 
 def _unwrap_state_dict(raw, source) -> dict[str, torch.Tensor]:

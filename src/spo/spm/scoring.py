@@ -52,28 +52,30 @@ def is_clip_dir(path: str | Path) -> bool:
         return False
 
 
-def load_spm(path: str | Path, *, family: str | None = None, device=None) -> StepAwarePreferenceModel:
+def load_spm(path: str | Path, *, family: str | None = None, device=None,
+             dtype: torch.dtype = torch.float32) -> StepAwarePreferenceModel:
     """Load a saved SPM for inference (eval mode, no gradients); refuse one trained for another family.
     A built-in model's name stands for its default preference SPM."""
     path = sources.preference_spec(path)
     spm_dir = find_spm_dir(path)
     if spm_dir is None:
         raise SpoInputError(f"{path}: not a step-aware preference model folder (no {CONFIG_NAME})")
-    spm = StepAwarePreferenceModel.load(spm_dir, device=device)
+    spm = StepAwarePreferenceModel.load(spm_dir, device=device, dtype=dtype)
     if family is not None:
         check_family(spm, family)
     spm.requires_grad_(False)
     return spm
 
 
-def load_scorer(spec: str | Path, *, family: str | None = None, device=None) -> Scorer:
+def load_scorer(spec: str | Path, *, family: str | None = None, device=None, dtype: torch.dtype = torch.float32) -> Scorer:
     """An SPM folder, a transformers CLIP folder (a clean-image scorer such as PickScore_v1: t is ignored),
-    "package.module:function" naming a scorer callable, or a built-in model's name (its default preference model)."""
+    "package.module:function" naming a scorer callable, or a built-in model's name (its default preference model).
+    Models load in `dtype` (a frozen scorer in bf16/fp16 takes half the memory); a callable is left as it is."""
     text = str(sources.preference_spec(spec))
     if find_spm_dir(text) is not None:
-        return load_spm(text, family=family, device=device)
+        return load_spm(text, family=family, device=device, dtype=dtype)
     if is_clip_dir(text):
-        clip = StepAwarePreferenceModel.from_clip(text, time_conditioning=False).eval().requires_grad_(False)
+        clip = StepAwarePreferenceModel.from_clip(text, time_conditioning=False, dtype=dtype).eval().requires_grad_(False)
         return clip.to(device) if device is not None else clip
     if ":" in text and not Path(text).exists():
         module_name, _, func_name = text.partition(":")

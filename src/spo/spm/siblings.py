@@ -83,7 +83,7 @@ def sibling_agreement(pipe, scorers: Mapping[str, Scorer], references: Mapping[s
         branch_prompts = [chunk_prompts[r] for r in rows_k.tolist()]
 
         def eps_fn(x, t, rows):
-            return guided_output(pipe.unet, x, t, cond.index(rows), uncond.index(rows), cfg,
+            return guided_output(pipe.unet, x.to(pipe.unet.dtype), t, cond.index(rows), uncond.index(rows), cfg,
                                  param.guidance_rescale).float()
 
         def eps_branch(x, t, rows):

@@ -126,6 +126,9 @@ class SPOConfig(FinetuneConfig):
     clip_eps: float = opt(0.1, "ratio clipping band of the SPO loss: p_theta / p_ref is clamped to "
                                "[1 - clip_eps, 1 + clip_eps] (paper: 0.1)")
     guidance_rescale: float = opt(-1.0, GUIDANCE_RESCALE_HELP)
+    resolution: int = opt(0, "image side in pixels that SPO samples and trains at (0: the base model's native one; "
+                             "a multiple of 8 x the VAE's factor, 64 for SD1.5/SDXL; lower saves memory and time; SDXL's micro-conditioning "
+                             "follows it)")
 
 
 @dataclass
@@ -297,6 +300,7 @@ def _checks(cfg: RunConfig) -> list[tuple[bool, str, str]]:
                    f"must be in [0, num_steps={cfg.num_steps})"),
                   (0 <= cfg.num_inner_steps < cfg.num_steps, "num_inner_steps", "must be in [0, num_steps)"),
                   (0 <= cfg.threshold < 1, "threshold", "must be in [0, 1)"),
+                  (cfg.resolution >= 0, "resolution", "must be >= 0 (0: the model's native one)"),
                   (0 < cfg.clip_eps < 1, "clip_eps", "must be in (0, 1)"),
                   (cfg.beta > 0, "beta", "must be positive"),
                   (0 < cfg.eta <= 1, "eta", "must be in (0, 1] (the resampler needs stochastic steps)"),

@@ -28,7 +28,7 @@ from spo.models.family import Conditioning, encode, family_of
 from spo.train.config import DPOConfig, describe_batch, for_processes
 from spo.train.engine import Run, fit, open_run
 from spo.train.dpo_data import data_options, load_pairs
-from spo.train.finetune import FinetuneMethod, item_generators, setup_unet, validation_prompts
+from spo.train.finetune import FinetuneMethod, item_generators, load_dtype, setup_unet, validation_prompts
 
 PAIRS_FROM_SOURCE = 512  # pairs made from a built-in base's samples when no --data is given
 PAIRS_FILE = "toy_pairs.parquet"
@@ -214,7 +214,7 @@ def train_dpo(cfg: DPOConfig, log=print) -> dict:
         cfg = run.cfg = for_processes(cfg, run.accelerator.num_processes)  # before anything reads the batch or lr
         items = load_pairs(cfg.data, cfg.max_pairs, log, *data_options(cfg)) if cfg.data else None  # before the model: fails in a second
         set_seed(cfg.seed)
-        pipe = load_pipeline(cfg.base, vae=cfg.vae, prediction_type=cfg.prediction_type)
+        pipe = load_pipeline(cfg.base, dtype=load_dtype(cfg), vae=cfg.vae, prediction_type=cfg.prediction_type)
         family = family_of(pipe)
         run.create_output_dir()
         if items is None:

@@ -26,6 +26,13 @@ def weight_dtype(cfg: FinetuneConfig) -> torch.dtype:
     return WEIGHT_DTYPES.get(cfg.mixed_precision, torch.float32)
 
 
+def load_dtype(cfg: FinetuneConfig) -> torch.dtype:
+    """The dtype the base model is loaded in: half under mixed precision (frozen text encoders, VAE and a LoRA's base
+    UNet are never upcast, which halves the memory of loading a half-precision checkpoint); fp32 when the whole UNet
+    trains."""
+    return torch.float32 if cfg.full_finetune else weight_dtype(cfg)
+
+
 def item_generators(seed: int, epoch: int, positions: list[int]) -> list[torch.Generator]:
     """One generator per data item, from (seed, epoch, position): resumed and sharded runs draw the same numbers."""
     return [torch.Generator().manual_seed(hash((seed, epoch, p)) % (2**63)) for p in positions]

@@ -185,6 +185,7 @@ def train(cfg: SPMConfig) -> dict:
     from spo.models.family import family_of, native_resolution
     from spo.models.loading import load_pipeline
     from spo.spm.denoise import freeze
+    from spo.train.finetune import weight_dtype
 
     if cfg.relabel_required and not cfg.relabel_with:
         raise SpoInputError("this recipe relabels its pairs with PickScore: pass --relabel-with PICKSCORE_FOLDER "
@@ -194,7 +195,8 @@ def train(cfg: SPMConfig) -> dict:
         cfg = run.cfg = for_processes(cfg, run.accelerator.num_processes)  # before anything reads the batch or lr
         print(describe_batch(cfg, run.accelerator.num_processes))
         data, summary = load_data(cfg)  # before the model: bad data fails in a second and leaves no folder
-        pipe = load_pipeline(cfg.base, vae=cfg.vae, prediction_type=cfg.prediction_type)  # before the folder: a VAE that does not fit leaves none behind
+        # Frozen, so in the run's half precision; loaded before the folder: a VAE that does not fit leaves none behind.
+        pipe = load_pipeline(cfg.base, dtype=weight_dtype(cfg), vae=cfg.vae, prediction_type=cfg.prediction_type)
         run.create_output_dir()
         freeze(pipe)
         pipe.to(run.device)

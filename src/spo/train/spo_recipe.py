@@ -25,12 +25,13 @@ import torch
 from spo.ddim import ddim_sigma, ddim_transition_mean, gaussian_log_prob
 from spo.errors import SpoInputError
 from spo.losses import spo_loss
-from spo.models.family import Conditioning, encode, family_of, guided_output
+from spo.models.family import Conditioning, encode, family_of, guided_output, latent_side
 from spo.models.prediction import EPSILON, Parameterisation, parameterisation
 from spo.sampling.resampler import Pairs, schedule
 from spo.train.config import SPOConfig
 from spo.train.engine import Run, fit, open_run
-from spo.train.finetune import FinetuneMethod, item_generators, setup_unet, validation_prompts
+from spo.train.finetune import (FinetuneMethod, item_generators, load_dtype, setup_unet, validation_prompts,
+                                weight_dtype)
 from spo.train.spo_round import canonical_order, collect_pairs, gather_pairs, round_train_batches
 
 
@@ -92,8 +93,9 @@ def load_training_prompts(cfg: SPOConfig) -> list[str]:
     return prompts
 
 
-def load_preference(spec: str, base: str, family: str):
-    """The preference source: an SPM folder, a CLIP folder, "module:function", or a built-in base's shipped SPM."""
+def load_preference(spec: str, base: str, family: str, dtype=torch.float32):
+    """The preference source: an SPM folder, a CLIP folder, "module:function", or a built-in base's shipped SPM
+    (a model in `dtype`: frozen, so half precision under mixed precision)."""
     from spo.sources import get
     from spo.spm.scoring import load_scorer
 
@@ -103,7 +105,7 @@ def load_preference(spec: str, base: str, family: str):
             raise SpoInputError("no preference model given: pass --preference SPM_FOLDER or module:function "
                                 "(train one with `spo spm train`)")
         spec = source.preference
-    return load_scorer(spec, family=family)
+    return load_scorer(spec, family=family, dtype=dtype)
 
 
 # -------------------------------------------------------------------------------------------- the method
@@ -154,7 +156,9 @@ class SPOMethod(FinetuneMethod):
             kept = gather_pairs(run.accelerator, kept)
             with torch.no_grad(), run.accelerator.autocast():
                 round_prompts = [self.prompts[i] for i in positions]
-                cond, uncond = encode(self.pipe, round_prompts), encode(self.pipe, round_prompts, negative=True)
+                side = cfg.resolution or None
+                cond = encode(self.pipe, round_prompts, side=side)
+                uncond = encode(self.pipe, round_prompts, negative=True, side=side)
         kept = canonical_order(kept, size * self.world)
         stats = self.update(run, kept, pairs.select(slice(0, 1)), cond, uncond)
         stats.update(pairs=len(kept), kept_fraction=len(kept) / (len(positions) * self.trained_steps),
@@ -228,10 +232,12 @@ def train(cfg: SPOConfig, scorer=None, log=print) -> dict:
     with run:
         set_seed(cfg.seed)
         prompts = load_training_prompts(cfg)  # before the model: a missing prompts file fails in a second
-        pipe = load_pipeline(cfg.base, vae=cfg.vae, prediction_type=cfg.prediction_type)
+        pipe = load_pipeline(cfg.base, dtype=load_dtype(cfg), vae=cfg.vae, prediction_type=cfg.prediction_type)
         family = family_of(pipe)
+        if cfg.resolution:
+            latent_side(cfg.resolution, pipe.vae_scale_factor)  # a bad side fails before the SPM is loaded
         if scorer is None:
-            scorer = load_preference(cfg.preference, cfg.base, family)
+            scorer = load_preference(cfg.preference, cfg.base, family, weight_dtype(cfg))
         run.create_output_dir()
         unet, frozen_copy, params = setup_unet(pipe, cfg, family, run.device)
         sched = schedule(pipe.scheduler, cfg.num_steps, run.device)

@@ -9,7 +9,7 @@ import contextlib
 
 import torch
 
-from spo.models.family import Conditioning, encode, guided_output
+from spo.models.family import Conditioning, encode, guided_output, latent_side
 from spo.models.prediction import parameterisation
 from spo.sampling.resampler import Pairs, sample_pairs
 from spo.train.config import SPOConfig
@@ -40,10 +40,12 @@ def collect_pairs(pipe, model, scorer, prompts: list[str], generators, cfg: SPOC
     timesteps, a_t, a_prev = sched
     param = parameterisation(pipe, cfg.guidance_rescale)
     device = model.device
-    latent_shape = (model.config.in_channels, model.config.sample_size, model.config.sample_size)
+    side = cfg.resolution or None
+    latent = latent_side(side, pipe.vae_scale_factor) if side else model.config.sample_size
+    latent_shape = (model.config.in_channels, latent, latent)
     with torch.no_grad(), autocast():
-        cond = encode(pipe, prompts)
-        uncond = encode(pipe, prompts, negative=True)
+        cond = encode(pipe, prompts, side=side)
+        uncond = encode(pipe, prompts, negative=True, side=side)
 
         def model_fn(x, t, rows):
             return guided_output(model, x.to(weight_dtype), t, cond.index(rows), uncond.index(rows), cfg.cfg_scale,
