@@ -75,11 +75,13 @@ def _pairs(path: Path, side: int, n: int = 4, seed: int = 0) -> None:
 
 LOAD_LORA = """
 import sys, torch
-from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from pathlib import Path
 from spo.models.loading import load_pipeline
 pipe = load_pipeline(sys.argv[1], dtype=torch.bfloat16)
 for path in sys.argv[2:]:
-    pipe.load_lora_weights(path, adapter_name=path.replace("/", "_").replace(".", "_"))
+    folder = Path(path).is_dir()  # offline, diffusers needs the file's name inside a folder
+    pipe.load_lora_weights(path, weight_name="pytorch_lora_weights.safetensors" if folder else None,
+                           adapter_name=path.replace("/", "_").replace(".", "_"))
     lora = [n for n, _ in pipe.unet.named_parameters() if "lora_A" in n]
     assert lora, f"{path}: diffusers loaded no LoRA module"
     print(f"{path}: {len(lora)} LoRA modules on the UNet")
@@ -110,7 +112,8 @@ def steps(family: str, w: Path) -> list[tuple[str, list[str]]]:
                           "--prompts", str(prompts), "-n", "1", "--k", "2", "--num-steps", "2", "--at-steps", "1",
                           "--batch-size", "1", "--dtype", "bf16", "--no-progress", "--out", str(w / "siblings")]),
         ("train", ["spo", "train", "--preset", family, "--base", str(base), "--preference", str(spm),
-                   "--prompts", str(prompts), "--max-prompts", "1", "--sample-batch-size", "1", "--num-steps", "3",
+                   "--prompts", str(prompts), "--max-prompts", "1", "--sample-batch-size", "1",
+                   "--num-steps", "3" if family == "sd15" else "5",  # sdxl: the preset's 3 inner steps need room
                    "--divert-start-step", "1", "--k", "2", "--threshold", "0", "--epochs", "1",
                    "--mixed-precision", "bf16", "--resolution", str(train_side), "--validation-images", "0",
                    "--report-to", "none", "--no-report", "--no-evaluate", "--output-dir", str(w / "train")]),
@@ -147,6 +150,7 @@ def fullsize(args) -> dict:
         if args.only and name not in args.only:
             continue
         rows.append(measured(name, cmd, env, w / "logs" / f"{name}.log"))
+        (w / "rows.json").write_text(json.dumps(rows, indent=1))  # the steps so far, should the run be cut short
     cpu = "AVX-512 BF16" if "avx512_bf16" in Path("/proc/cpuinfo").read_text() else "no AVX-512 BF16"
     result = {"family": family, "threads": args.threads, "torch": torch.__version__, "cpu_bf16": cpu,
               "resolution": {"train": SIZES[family][0], "generate": SIZES[family][1]},

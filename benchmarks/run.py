@@ -770,6 +770,9 @@ def main(argv: list[str]) -> None:
     import fullsize  # benchmarks/fullsize.py
 
     fullsize.add_arguments(sub.add_parser("fullsize"))
+    import plan_check  # benchmarks/plan_check.py
+
+    plan_check.add_arguments(sub.add_parser("plan-check"))
     pp = sub.add_parser("plan-presets")
     pp.add_argument("--presets", nargs="+", default=["sd15", "sdxl"])
     pp.add_argument("--prompts", type=int, default=4000)
@@ -781,7 +784,7 @@ def main(argv: list[str]) -> None:
           "data-scale": data_scale.data_scale,
           "vpred-toy": lambda a: __import__("vpred_toy").vpred_toy(a, run_child),
           "plan-presets": lambda a: __import__("plan_presets").plan_presets(a),
-          "fullsize": fullsize.fullsize}[args.name]
+          "fullsize": fullsize.fullsize, "plan-check": plan_check.plan_check}[args.name]
     if args.name == "quality":
         name = quality_name(args)
     elif args.name == "selection":

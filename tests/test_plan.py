@@ -145,3 +145,34 @@ def test_spo_plan_bad_input_is_one_line_exit_2(args, needle):
     proc = _plan(*args)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert needle in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_spm_training_step_plan_agrees_with_the_real_step():
+    """The SPM step as `spo plan` traces it on meta tensors against the real step on the toy's CPU tensors
+    (spo.spm.denoise.predicted_pair_images, then the SPM's forward and backward): activations within 20 %."""
+    from spo.plan.estimate import plan_spm_training
+    from spo.plan.meta import meta_models
+    from spo.spm.denoise import freeze, predicted_pair_images
+    from spo.spm.scoring import load_spm
+
+    cfg = build_config("toy-sd15")
+    models = meta_models(cfg.base, cfg, "")
+    side, pairs = models.resolution, 2
+    planned = plan_spm_training(models, side, pairs, cfg.cfg_scale)
+    pipe = load_pipeline("toy:sd15")
+    freeze(pipe)
+    spm = load_spm("toy:sd15").requires_grad_(True).train()
+    assert planned["spm_parameters"] == sum(p.numel() for p in spm.parameters())
+    assert planned["weights"]["spm (fp32)"] == 4 * planned["spm_parameters"]
+    g = torch.Generator().manual_seed(0)
+    images = [torch.rand(pairs, 3, side, side, generator=g) * 2 - 1 for _ in range(2)]
+    prompts = ["a small red circle on a white background, top left", "a large blue square on a black background"]
+    t = torch.tensor([300, 700])
+
+    def step():
+        x0, x1 = predicted_pair_images(pipe, *images, prompts, t, torch.Generator().manual_seed(1), cfg.cfg_scale)
+        spm.image_embeds(spm.preprocess(torch.cat([x0, x1])), torch.cat([t, t])).float().pow(2).sum().backward()
+
+    real = measure(step).peak_bytes
+    assert 0.8 * real <= planned["activations"] <= 1.2 * real, (planned["activations"], real)
+    assert planned["peak"] > sum(planned["weights"].values())

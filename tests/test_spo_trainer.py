@@ -302,9 +302,16 @@ def test_training_at_another_resolution_in_bf16(tmp_path):
         sides.append(tuple(images.shape[-2:]))
         return brightness(images.float(), prompts, t)
 
+    from accelerate.state import AcceleratorState
+
     cfg = build_config("toy-sdxl", overrides=dict(TINY, max_prompts=2, epochs=1, resolution=64, mixed_precision="bf16",
                                                   output_dir=str(tmp_path / "run")))
-    result = train(cfg, scorer, log=lambda *_: None)
+    # accelerate keeps one precision per process: earlier in-process runs of this suite were fp32
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        result = train(cfg, scorer, log=lambda *_: None)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
     native = load_pipeline("toy:sdxl").unet.config.sample_size * 2
     assert native != 64 and set(sides) == {(64, 64)}
     lora = load_file(result["lora"])

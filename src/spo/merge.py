@@ -29,7 +29,7 @@ Recipe (paths relative to the recipe's folder, never outside it)::
     strength = 1.0                         # negative and > 1 allowed
     blocks = { IN04 = 0.0 }                # optional: factor on the strength per block
 
-Memory: inputs are read one tensor at a time with plain positioned reads (`_TensorFile`; safetensors'
+Memory: inputs are read one tensor at a time with plain positioned reads (`TensorFile`; safetensors'
 safe_open memory-maps the whole file, and every mapped page it touches stays in the process's resident set
 until the file is closed: 14 GB for two SDXL inputs), the next tensor is read while the current one is
 computed, and the output is written tensor by tensor (header first, sizes known from shapes) while a thread
@@ -218,7 +218,7 @@ class Source:
             self.dtypes = {k: v.dtype for k, v in self._dict.items()}
         elif path.suffix.lower() == ".safetensors":
             self.shapes = sf.read_keys_and_shapes(path)  # validated by safetensors itself
-            self._file = _TensorFile(path)
+            self._file = TensorFile(path)
             self.dtypes = self._file.dtypes
         else:
             raise SpoInputError(f"{path}: merge inputs must be .safetensors single files or diffusers folders")
@@ -230,7 +230,7 @@ class Source:
         return self._dict[key] if self._dict is not None else self._file.read(key)
 
 
-class _TensorFile:
+class TensorFile:
     """One .safetensors file read tensor by tensor with os.pread into fresh memory (no memory map)."""
 
     def __init__(self, path: Path):
@@ -244,13 +244,16 @@ class _TensorFile:
         self._entries = {}
         self.dtypes = {}
         for key, e in header.items():
-            dtype = _st_dtype(e["dtype"])
+            dtype = _st_dtype(e["dtype"], path, key)
             lo, hi = e["data_offsets"]
             if hi - lo != math.prod(e["shape"]) * torch.tensor([], dtype=dtype).element_size() or self._start + hi > size:
                 raise SpoInputError(f"{path}: tensor {key} does not fit its declared shape or the file")
             self._entries[key] = (dtype, tuple(e["shape"]), lo, hi)
             self.dtypes[key] = dtype
         self._fd = os.open(path, os.O_RDONLY)
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
 
     def read(self, key: str) -> torch.Tensor:
         dtype, shape, lo, hi = self._entries[key]
@@ -269,11 +272,11 @@ class _TensorFile:
             os.close(fd)
 
 
-def _st_dtype(name: str) -> torch.dtype:
+def _st_dtype(name: str, path: Path, key: str) -> torch.dtype:
     for dt, n in ST_DTYPE.items():
         if n == name:
             return dt
-    return torch.float32
+    raise SpoInputError(f"{path}: tensor {key} has the unknown dtype {name!r}")
 
 
 # ----------------------------------------------------------------------------------------------- merge

@@ -65,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
         name = read_safetensors(written["webui"])[1].get("ss_output_name", written["webui"].stem)
         print(f"A1111 / ComfyUI / kohya: copy {written['webui']} into models/Lora and use <lora:{name}:1>")
     if "diffusers" in written:
-        print(f"diffusers: pipe.load_lora_weights('{written['diffusers'].parent}') "
+        # weight_name: without it diffusers looks the folder up on the hub when HF_HUB_OFFLINE is set, and fails
+        print(f"diffusers: pipe.load_lora_weights('{written['diffusers'].parent}', "
+              f"weight_name='{written['diffusers'].name}') "
               "(this folder is for diffusers only: A1111 and ComfyUI do not apply its key names)")
     return 0

@@ -23,6 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-count", type=positive_int, default=None,
                         help="prompts per epoch (default: --max-prompts, the prompts file's, a built-in base's, or "
                              "4000 as the paper's SD1.5 run)")
+    parser.add_argument("--spm-batch", type=positive_int, default=16,
+                        help="pairs per batch of the SPM training step also planned (`spo spm train`; default: "
+                             "%(default)s, the spm-sd15 / spm-sdxl presets')")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
@@ -65,6 +68,12 @@ def _text(result: dict, cfg, fitting: dict | None, budget: float | None, utilisa
         fits = "fits" if top <= t["memory_gib"] * GIB else "does not fit"
         lines.append(f"  {gpu:10} {t['seconds_per_iteration']:8.3g} s/iteration {t['hours_per_epoch']:7.3g} h/epoch "
                      f"at {utilisation:.0%} of peak bf16 ({t['memory_gib']:.0f} GiB: {fits})")
+    spm = result.get("spm_training")
+    if spm:
+        lines.append(f"SPM training step (`spo spm train`, {spm['pairs']} pairs per batch, AdamW, fp32 master weights "
+                     f"of {spm['spm_parameters'] / 1e6:.4g} M parameters): peak {gib(spm['peak'])} GiB, of which "
+                     f"activations {gib(spm['activations'])}, SPM weights + gradients + AdamW "
+                     f"{gib(spm['weights']['spm (fp32)'] * 4)}")
     if budget is not None:
         if fitting is None:
             lines.append(f"nothing fits {budget:g} GiB with judge batch, micro-batch and gradient checkpointing: "
@@ -79,7 +88,7 @@ def _text(result: dict, cfg, fitting: dict | None, budget: float | None, utilisa
 def run(args: argparse.Namespace) -> int:
     from spo.cli.train_cmd import resolved_config
     from spo.errors import SpoInputError
-    from spo.plan.estimate import DEFAULT_UTILISATION, plan, suggest, times
+    from spo.plan.estimate import DEFAULT_UTILISATION, plan, plan_spm_training, suggest, times
     from spo.models.family import latent_side
     from spo.plan.meta import meta_models
     from spo.train.config import SPOConfig
@@ -96,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
     side = cfg.resolution or models.resolution
     latent_side(side, 2 ** (len(models.vae.config.block_out_channels) - 1), "--resolution")
     result = plan(models, cfg, side, _prompt_count(cfg, args.prompt_count), args.processes)
+    result["spm_training"] = plan_spm_training(models, side, args.spm_batch, cfg.cfg_scale)
     fitting = suggest(models, cfg, result, args.gpu_memory, side) if args.gpu_memory is not None else None
     if args.json:
         out = {k: v for k, v in result.items() if k != "fits"}

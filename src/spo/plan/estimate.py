@@ -134,6 +134,45 @@ def training_call(models: MetaModels, rows: int, side: int, cfg_scale: float):
     return run
 
 
+def spm_training_call(models: MetaModels, pairs: int, side: int, cfg_scale: float):
+    """One `spo spm train` batch (spo.spm.denoise.predicted_pair_images, then the SPM's forward and backward):
+    both images of each pair VAE-encoded, noised, denoised to x0-hat by the frozen UNet (CFG) and decoded, without
+    gradients; then the SPM scores them with gradients (its weights in the run's precision, as under autocast)."""
+    from spo.models.family import guided_output
+
+    vae, spm, rows = models.vae, models.spm, 2 * pairs
+
+    def run():
+        with torch.no_grad():
+            images = _meta(rows, 3, side, side, dtype=vae.dtype)
+            latents = vae.encode(images).latent_dist.mean * vae.config.scaling_factor
+            cond = _conditioning(models, rows)
+            guided_output(models.unet, latents.to(models.unet.dtype), _meta(rows, dtype=torch.long), cond, cond,
+                          cfg_scale)
+            decoded = vae.decode(latents / vae.config.scaling_factor).sample.float()
+        spm.requires_grad_(True)
+        try:
+            emb = spm.image_embeds(spm.preprocess(decoded), _meta(rows, dtype=torch.long))
+            emb.float().pow(2).sum().backward()
+        finally:
+            spm.requires_grad_(False)
+    return run
+
+
+def plan_spm_training(models: MetaModels, side: int, pairs: int, cfg_scale: float = 5.0,
+                      optimizer: str = "adamw") -> dict:
+    """Peak memory of one SPM training step: the frozen base and VAE in the run's precision, the SPM's fp32 master
+    weights, gradients and optimizer state, and the step's activations (traced at 1 and 2 pairs, fitted)."""
+    mem, flops = fit_phase(spm_training_call, models, side, cfg_scale)
+    n = sum(p.numel() for p in models.spm.parameters())
+    weights = {"unet": parameter_bytes(models.unet), "text encoders": sum(parameter_bytes(m) for m in models.text_encoders),
+               "vae": parameter_bytes(models.vae), "spm (fp32)": 4 * n, "spm gradients": 4 * n,
+               "optimizer state": 8 * n if optimizer == "adamw" else 0}
+    activations = mem.at(pairs)
+    return {"pairs": pairs, "weights": weights, "activations": activations,
+            "peak": sum(weights.values()) + activations, "flops": flops.at(pairs), "spm_parameters": n}
+
+
 def fit_phase(make, models: MetaModels, side: int, *extra) -> tuple[Linear, Linear]:
     return Linear.fit(measure(make(models, 1, side, *extra)), measure(make(models, 2, side, *extra)), 1, 2)
 
