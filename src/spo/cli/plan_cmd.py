@@ -73,7 +73,7 @@ def _text(result: dict, cfg, fitting: dict | None, budget: float | None, utilisa
         lines.append(f"SPM training step (`spo spm train`, {spm['pairs']} pairs per batch, AdamW, fp32 master weights "
                      f"of {spm['spm_parameters'] / 1e6:.4g} M parameters): peak {gib(spm['peak'])} GiB, of which "
                      f"activations {gib(spm['activations'])}, SPM weights + gradients + AdamW "
-                     f"{gib(spm['weights']['spm (fp32)'] * 4)}")
+                     f"{gib(sum(spm['weights'][k] for k in ('spm (fp32)', 'spm gradients', 'optimizer state')))}")
     if budget is not None:
         if fitting is None:
             lines.append(f"nothing fits {budget:g} GiB with judge batch, micro-batch and gradient checkpointing: "

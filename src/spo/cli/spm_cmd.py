@@ -201,12 +201,10 @@ def _siblings(args) -> int:
     check_output_dir(args.out)
     import torch
 
-    from spo.dtypes import DTYPES
+    from spo.dtypes import weights_dtype
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
-    if args.dtype == "fp16" and device.type == "cpu":
-        raise SpoInputError("--dtype fp16 needs a GPU; use bf16 on CPU")
-    dtype = DTYPES[args.dtype]
+    dtype = weights_dtype(args.dtype, device.type)
     pipe = load_pipeline(base, dtype=dtype, vae=args.vae)
     freeze(pipe)
     pipe.to(device)

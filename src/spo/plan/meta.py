@@ -103,9 +103,10 @@ def meta_models(base: str, cfg, spm: str = "") -> MetaModels:
     family, folder = config_folder(base)
     dtype = weight_dtype(cfg)
     unet, vae, encoders = meta_components(folder, family)
+    vae_folder = _vae_folder(cfg.vae)
     with torch.device("meta"):
-        if _vae_folder(cfg.vae):
-            vae = AutoencoderKL.from_config(AutoencoderKL.load_config(_vae_folder(cfg.vae)))
+        if vae_folder:
+            vae = AutoencoderKL.from_config(AutoencoderKL.load_config(vae_folder))
         clip_config, timed, what = _spm_clip_config(spm, family, base)
         spm_model = StepAwarePreferenceModel(CLIPConfig.from_dict(clip_config), time_conditioning=timed)
     if cfg.full_finetune:

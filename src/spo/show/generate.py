@@ -230,18 +230,15 @@ class Generator:
                  prediction_type: str = "auto", dtype: str = "fp32"):
         import torch
 
-        from spo.dtypes import DTYPES
+        from spo.dtypes import weights_dtype
         from spo.models.loading import load_pipeline
 
         self.model = str(model)
         self.vae = str(vae) if vae else None
         self.loras = list(loras or [])
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if dtype not in DTYPES:
-            raise SpoInputError(f"dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
-        if dtype == "fp16" and self.device == "cpu":
-            raise SpoInputError("--dtype fp16 needs a GPU; use bf16 on CPU")
-        pipe = load_pipeline(model, family, dtype=DTYPES[dtype], vae=vae, prediction_type=prediction_type)
+        pipe = load_pipeline(model, family, dtype=weights_dtype(dtype, torch.device(self.device).type), vae=vae,
+                             prediction_type=prediction_type)
         if img2img:
             from diffusers import AutoPipelineForImage2Image
 
