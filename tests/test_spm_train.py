@@ -138,6 +138,39 @@ def test_global_batch_is_the_accumulation_it_implies(pairs_file, tmp_path):
     assert not (tmp_path / "c").exists()
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
+def test_fused_backward_pass_trains_the_unfused_weights(pairs_file, tmp_path, optimizer):
+    """Without clipping, stepping each weight inside the backward is the same update as one step after it."""
+    kw = dict(steps=3, checkpoint_every=0, max_grad_norm=0.0, optimizer=optimizer)
+    train(_cfg(pairs_file, tmp_path / "plain", **kw))
+    train(_cfg(pairs_file, tmp_path / "fused", fused_backward_pass=True, **kw))
+    a, b = _weights(tmp_path / "plain"), _weights(tmp_path / "fused")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    clipped = train(_cfg(pairs_file, tmp_path / "clip", **{**kw, "max_grad_norm": 1e-3}, fused_backward_pass=True))
+    assert clipped["steps"] == 3 and not all(torch.equal(a[k], c) for k, c in _weights(tmp_path / "clip").items())
+
+
+def test_fused_backward_pass_frees_each_gradient_before_the_next():
+    """The memory claim itself: after any weight's step no other completed gradient is alive; and the weights are
+    those of one plain step after the backward."""
+    from spo.train.engine import fuse_optimizer_step
+
+    images, prompts, t = torch.rand(2, 3, 32, 32) * 2 - 1, ["a red circle", "a blue square"], torch.tensor([10, 500])
+    plain, fused = StepAwarePreferenceModel.toy(), StepAwarePreferenceModel.toy()
+    optimizer = torch.optim.AdamW(plain.parameters(), lr=1e-2)
+    plain(images, prompts, t).sum().backward()
+    optimizer.step()
+    params = list(fused.parameters())
+    fuse_optimizer_step(torch.optim.AdamW(params, lr=1e-2), params, max_grad_norm=0.0)
+    alive = []
+    for p in params:  # registered after the fused step, so each runs right after its parameter's step
+        p.register_post_accumulate_grad_hook(lambda _: alive.append(sum(q.grad is not None for q in params)))
+    fused(images, prompts, t).sum().backward()
+    assert len(alive) == len(params) and max(alive) == 0
+    assert all(torch.equal(p, q) for p, q in zip(plain.parameters(), params))
+    assert not all(torch.equal(p, q) for p, q in zip(params, StepAwarePreferenceModel.toy().parameters()))
+
+
 def test_resume_refuses_changed_settings(pairs_file, tmp_path):
     from spo.errors import SpoInputError
 
@@ -248,6 +281,9 @@ def test_eval_same_judge_alignment_keeps_only_equally_aligned_pairs(pairs_file, 
     ["--relabel-threshold", "1.5"],
     ["--init", "/no/such/clip"],
     ["--relabel-with", "spo.spm.evaluate:nope"],
+    ["--fused-backward-pass", "--gradient-accumulation-steps", "2"],
+    ["--fused-backward-pass", "--train-batch-size", "2", "--global-batch-size", "4"],
+    ["--fused-backward-pass", "--mixed-precision", "fp16"],
 ])
 def test_cli_train_bad_values_one_line_exit_2(pairs_file, tmp_path, extra):
     r = spo("spm", "train", str(pairs_file), "--out", str(tmp_path / "o"), "--cpu", "--no-progress", *extra)

@@ -191,6 +191,9 @@ class SPMConfig(RunConfig, PairsConfig):
     relabel_required: bool = opt(False, "the recipe relabels its pairs (SDXL: PickScore at gap 0.1): refuse to start "
                                         "without --relabel-with")
     guidance_rescale: float = opt(-1.0, GUIDANCE_RESCALE_HELP)
+    fused_backward_pass: bool = opt(False, "update each weight as soon as its gradient is ready and free that gradient "
+                                           "(saves 4 bytes per SPM parameter: 5 GB for a PickScore-size SPM); "
+                                           "clipping is then per tensor, and it cannot accumulate gradients")
 
 
 CONFIGS: dict[str, type] = {"spo": SPOConfig, "dpo": DPOConfig, "spm": SPMConfig}
@@ -324,6 +327,8 @@ def _checks(cfg: RunConfig) -> list[tuple[bool, str, str]]:
                   (cfg.cfg_scale >= 0, "cfg_scale", "must be >= 0"),
                   (cfg.checkpoint_every_steps >= 0, "checkpoint_every_steps", "must be >= 0"),
                   (0 <= cfg.relabel_threshold < 1, "relabel_threshold", "must be in [0, 1)")]
+        rules.append((not (cfg.fused_backward_pass and cfg.mixed_precision == "fp16"), "fused_backward_pass",
+                      "cannot run with fp16 mixed precision (its loss scaler unscales all gradients at once): use bf16"))
     return rules
 
 

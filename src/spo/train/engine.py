@@ -27,7 +27,7 @@ import torch
 
 from spo.errors import SpoInputError
 from spo.train import checkpoint
-from spo.train.config import RunConfig, fingerprint, to_dict
+from spo.train.config import RunConfig, fingerprint, for_processes, to_dict
 
 CHECKPOINT_DIR = "checkpoints"
 LOG_DIR = "logs"
@@ -154,6 +154,8 @@ class Run:
             self.optimizer, lambda s: learning_rate_factor(s, cfg.lr_warmup_steps, total_steps, cfg.lr_schedule))
         self.module, self.optimizer = self.accelerator.prepare(model, self.optimizer)
         self.model = self.accelerator.unwrap_model(self.module)
+        if getattr(cfg, "fused_backward_pass", False):
+            fuse_optimizer_step(getattr(self.optimizer, "optimizer", self.optimizer), params, cfg.max_grad_norm)
         self.resume()
         if cfg.report_to != "none":
             self.accelerator.init_trackers(self.name, config={k: str(v) for k, v in to_dict(cfg).items()})
@@ -189,9 +191,10 @@ class Run:
         self.accelerator.wait_for_everyone()
 
     def optimizer_step(self) -> None:
-        if self.cfg.max_grad_norm > 0:
-            self.accelerator.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
-        self.optimizer.step()
+        if not getattr(self.cfg, "fused_backward_pass", False):  # fused: every weight was stepped in the backward
+            if self.cfg.max_grad_norm > 0:
+                self.accelerator.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+            self.optimizer.step()
         self.lr_sched.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.progress.step += 1
@@ -255,6 +258,9 @@ def open_run(cfg: RunConfig, name: str, log: Callable[[str], None] = print) -> R
                    "or choose another output folder")
     elif cfg.mixed_precision == "fp16" and (cfg.cpu or not torch.cuda.is_available()):
         problem = "fp16 mixed precision needs a GPU; use --mixed-precision no (or bf16) on CPU"
+    else:
+        processes = int(os.environ.get("WORLD_SIZE", "1"))  # what accelerate will count, before it starts
+        problem = fused_problem(for_processes(cfg, processes), processes)
     if problem:
         if lock is not None:
             os.close(lock)
@@ -294,6 +300,39 @@ def make_optimizer(cfg: RunConfig, params):
             raise SpoInputError("use_8bit_adam needs bitsandbytes (pip install bitsandbytes)") from None
         return bnb.optim.AdamW8bit(params, **kwargs)
     return torch.optim.AdamW(params, **kwargs)
+
+
+def fuse_optimizer_step(optimizer, params: list, max_grad_norm: float) -> None:
+    """Kohya's fused backward pass, on torch's post-accumulate-grad hooks: each weight takes its optimizer step as
+    soon as its gradient is complete, and the gradient is freed at once, so a model's gradients never all exist
+    (4 bytes per trained parameter saved). Clipping is then per tensor, as in kohya's sd-scripts.
+
+    `optimizer.step()` steps only the parameters holding a gradient, which inside the hook is this one (the others'
+    were freed by their own hooks or not computed yet): one optimizer, so its state, schedule and checkpoints are
+    the unfused run's.
+    """
+    def step(param: torch.Tensor) -> None:
+        if max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(param, max_grad_norm)
+        optimizer.step()
+        param.grad = None
+
+    for param in params:
+        param.register_post_accumulate_grad_hook(step)
+
+
+def fused_problem(cfg: RunConfig, processes: int) -> str | None:
+    """Why a fused backward pass cannot run this (resolved) config, or None."""
+    if not getattr(cfg, "fused_backward_pass", False):
+        return None
+    if processes > 1:
+        return ("fused_backward_pass runs on one process (each weight would step before its gradient is all-reduced); "
+                "drop it or train on one process")
+    if cfg.gradient_accumulation_steps > 1:
+        return (f"fused_backward_pass steps each weight in the backward, so it cannot accumulate gradients (this run "
+                f"accumulates {cfg.gradient_accumulation_steps} train batches): set --global-batch-size to the train "
+                "batch size, or drop --fused-backward-pass")
+    return None
 
 
 def check_finite(loss: float, params, weights: str = "trained") -> None:
