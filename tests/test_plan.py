@@ -176,3 +176,26 @@ def test_spm_training_step_plan_agrees_with_the_real_step():
     real = measure(step).peak_bytes
     assert 0.8 * real <= planned["activations"] <= 1.2 * real, (planned["activations"], real)
     assert planned["peak"] > sum(planned["weights"].values())
+
+
+def test_spm_optimizer_options_count_adafactor_state_as_transformers_keeps_it():
+    """The plan's Adafactor state is what transformers' Adafactor (as `spo spm train` makes it) holds after a step on
+    the toy SPM; the fused backward pass keeps one gradient, so its option plans the least memory."""
+    from spo.plan.estimate import adafactor_state_bytes, plan_spm_training
+    from spo.plan.meta import meta_models
+    from spo.spm.scoring import load_spm
+    from spo.train.config import SPMConfig
+    from spo.train.engine import make_optimizer
+
+    spm = load_spm("toy:sd15").requires_grad_(True)
+    params = [p for p in spm.parameters()]
+    opt = make_optimizer(SPMConfig(optimizer="adafactor"), params)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    held = sum(t.numel() * t.element_size() for s in opt.state.values() for k, t in s.items()
+               if torch.is_tensor(t) and k not in ("RMS", "step"))  # the per-parameter bookkeeping scalars aside
+    assert adafactor_state_bytes(params) == held > 0
+    cfg = build_config("toy-sd15")
+    options = plan_spm_training(meta_models(cfg.base, cfg, ""), 32, 2, cfg.cfg_scale)["options"]
+    assert options["adafactor, fused backward pass"] < options["adafactor"] < options["adamw"]

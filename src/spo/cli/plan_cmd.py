@@ -74,6 +74,9 @@ def _text(result: dict, cfg, fitting: dict | None, budget: float | None, utilisa
                      f"of {spm['spm_parameters'] / 1e6:.4g} M parameters): peak {gib(spm['peak'])} GiB, of which "
                      f"activations {gib(spm['activations'])}, SPM weights + gradients + AdamW "
                      f"{gib(sum(spm['weights'][k] for k in ('spm (fp32)', 'spm gradients', 'optimizer state')))}")
+        flags = {"adafactor": "--optimizer adafactor",
+                 "adafactor, fused backward pass": "--optimizer adafactor --fused-backward-pass"}
+        lines.append("  with " + "; ".join(f"{flag}: {gib(spm['options'][name])} GiB" for name, flag in flags.items()))
     if budget is not None:
         if fitting is None:
             lines.append(f"nothing fits {budget:g} GiB with judge batch, micro-batch and gradient checkpointing: "

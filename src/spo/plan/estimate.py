@@ -159,17 +159,33 @@ def spm_training_call(models: MetaModels, pairs: int, side: int, cfg_scale: floa
     return run
 
 
-def plan_spm_training(models: MetaModels, side: int, pairs: int, cfg_scale: float = 5.0,
-                      optimizer: str = "adamw") -> dict:
+def adafactor_state_bytes(params) -> int:
+    """transformers' Adafactor without momentum: row and column second moments of every matrix (factored), the
+    whole second moment of every vector, in the parameters' fp32."""
+    count = 0
+    for p in params:
+        shape = tuple(p.shape)
+        count += math.prod(shape[:-1]) + math.prod(shape[:-2]) * shape[-1] if len(shape) >= 2 else p.numel()
+    return 4 * count
+
+
+def plan_spm_training(models: MetaModels, side: int, pairs: int, cfg_scale: float = 5.0) -> dict:
     """Peak memory of one SPM training step: the frozen base and VAE in the run's precision, the SPM's fp32 master
-    weights, gradients and optimizer state, and the step's activations (traced at 1 and 2 pairs, fitted)."""
+    weights, gradients and optimizer state, and the step's activations (traced at 1 and 2 pairs, fitted).
+    `weights` lists AdamW's step (the default); `options` the peak with each optimizer setting of `spo spm train`."""
     mem, flops = fit_phase(spm_training_call, models, side, cfg_scale)
-    n = sum(p.numel() for p in models.spm.parameters())
+    params = list(models.spm.parameters())
+    n = sum(p.numel() for p in params)
     weights = {"unet": parameter_bytes(models.unet), "text encoders": sum(parameter_bytes(m) for m in models.text_encoders),
                "vae": parameter_bytes(models.vae), "spm (fp32)": 4 * n, "spm gradients": 4 * n,
-               "optimizer state": 8 * n if optimizer == "adamw" else 0}
+               "optimizer state": 8 * n}
     activations = mem.at(pairs)
-    return {"pairs": pairs, "weights": weights, "activations": activations,
+    fixed = sum(v for k, v in weights.items() if k not in ("spm gradients", "optimizer state")) + activations
+    factored = adafactor_state_bytes(params)
+    # the fused backward pass steps each parameter in its gradient hook: one gradient alive at a time
+    options = {"adamw": fixed + 12 * n, "adafactor": fixed + 4 * n + factored,
+               "adafactor, fused backward pass": fixed + 4 * max(p.numel() for p in params) + factored}
+    return {"pairs": pairs, "weights": weights, "activations": activations, "options": options,
             "peak": sum(weights.values()) + activations, "flops": flops.at(pairs), "spm_parameters": n}
 
 
