@@ -228,6 +228,15 @@ def _measure(x: np.ndarray) -> dict[str, float]:
     }
 
 
+# What the detail terms (spo.toy.judge_detail) measure with: the segmentation, the gray blend and the grain.
+as_array, segment, denoise = _array, _segment, _denoise
+
+
+def fade_and_noise(x: np.ndarray, bg: np.ndarray, fg: np.ndarray) -> tuple[float, float]:
+    """(estimated blend toward mid-gray, noise sigma) of an image and its segmented colours."""
+    return _fade(bg, fg)[0], _noise_sigma(x)
+
+
 def aesthetic_parts(image: Image.Image | np.ndarray) -> dict[str, float]:
     """Measurements of one image and the estimated severity of each defect (`est_*`)."""
     m = _measure(_array(image))

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from spo.toy.detail import Details, apply_details
 from spo.toy.world import BACKGROUNDS, COLORS, IMAGE_SIZE, POSITIONS, SIZES, Scene, shape_polygon
 
 SUPERSAMPLE = 4  # clean renders are drawn 4x larger and box-filtered down (anti-aliased edges)
@@ -44,28 +45,45 @@ def sample_defects(rng: np.random.Generator, p_present: float = 0.45) -> Defects
     return Defects(**values)
 
 
-def _draw(scene: Scene, side: int, scale: float, shift: tuple[float, float], opacity: float = 1.0) -> Image.Image:
-    bg = BACKGROUNDS[scene.background]
-    img = Image.new("RGB", (side, side), bg)
-    draw = ImageDraw.Draw(img)
+def _geometry(scene: Scene, side: int, scale: float, shift: tuple[float, float]):
+    """(centre x, centre y, half-extent, outline or None for the circle) in pixels of a side x side image."""
     px, py = POSITIONS[scene.position]
     cx, cy = (px + shift[0]) * side, (py + shift[1]) * side
     r = SIZES[scene.size] * scale * side / 2
-    poly = shape_polygon(scene.shape, cx, cy, r)
-    color = tuple(round(b + opacity * (c - b)) for b, c in zip(bg, COLORS[scene.color]))
+    return cx, cy, r, shape_polygon(scene.shape, cx, cy, r)
+
+
+def _fill(draw: ImageDraw.ImageDraw, geometry, color) -> None:
+    cx, cy, r, poly = geometry
     if poly is None:
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
     else:
         draw.polygon(poly, fill=color)
+
+
+def _draw(scene: Scene, side: int, scale: float, shift: tuple[float, float], opacity: float = 1.0) -> Image.Image:
+    bg = BACKGROUNDS[scene.background]
+    img = Image.new("RGB", (side, side), bg)
+    color = tuple(round(b + opacity * (c - b)) for b, c in zip(bg, COLORS[scene.color]))
+    _fill(ImageDraw.Draw(img), _geometry(scene, side, scale, shift), color)
     return img
 
 
+def _coverage(scene: Scene, side: int, scale: float, shift: tuple[float, float], supersample: int) -> np.ndarray:
+    """The shape's share of each pixel, in [0, 1], drawn as `_draw` draws it (box-filtered when supersampled)."""
+    mask = Image.new("L", (side * supersample, side * supersample), 0)
+    _fill(ImageDraw.Draw(mask), _geometry(scene, side * supersample, scale, shift), 255)
+    return np.asarray(mask.resize((side, side), Image.BOX), dtype=np.float32) / 255.0
+
+
 def render(scene: Scene, defects: Defects = CLEAN, seed: int = 0, size: int = IMAGE_SIZE,
-           opacity: float = 1.0) -> Image.Image:
-    """Render `scene` with `defects`; deterministic for (scene, defects, seed, size).
+           opacity: float = 1.0, details: Details | None = None) -> Image.Image:
+    """Render `scene` with `defects`; deterministic for (scene, defects, seed, size, details).
 
     `opacity` < 1 blends the shape's fill into the background: a faint or (at 0) missing subject, the
     failure a generator shows when it drops the prompt's object. It is not a defect: the image is wrong, not ugly.
+    `details` (toy world v2, `spo.toy.detail`): the fill's weave and the light, drawn before the defects degrade
+    the image; None draws the flat shapes of the first toy world.
     """
     rng = np.random.default_rng(seed)
     scale, shift = 1.0, (0.0, 0.0)
@@ -76,10 +94,16 @@ def render(scene: Scene, defects: Defects = CLEAN, seed: int = 0, size: int = IM
         shift = (reach * np.cos(angle), reach * np.sin(angle))
     # Pixelation: draw at a coarser resolution without anti-aliasing, then upscale with nearest.
     low = int(round(size / (1 + 2.5 * defects.pixelation)))
-    if defects.pixelation > 0 and low < size:
-        img = _draw(scene, low, scale, shift, opacity).resize((size, size), Image.NEAREST)
-    else:
-        img = _draw(scene, size * SUPERSAMPLE, scale, shift, opacity).resize((size, size), Image.BOX)
+    side, supersample = (low, 1) if defects.pixelation > 0 and low < size else (size, SUPERSAMPLE)
+    img = _draw(scene, side * supersample, scale, shift, opacity)
+    if supersample > 1:
+        img = img.resize((side, side), Image.BOX)
+    if details is not None:
+        cov = opacity * _coverage(scene, side, scale, shift, supersample)
+        x = apply_details(np.asarray(img, dtype=np.float32) / 255.0, cov, details, np.random.default_rng([seed, 7]))
+        img = Image.fromarray(np.clip(x * 255.0 + 0.5, 0, 255).astype(np.uint8))
+    if side < size:
+        img = img.resize((size, size), Image.NEAREST)
     if defects.blur > 0:
         img = img.filter(ImageFilter.GaussianBlur(radius=1.6 * defects.blur))
     x = np.asarray(img, dtype=np.float32) / 255.0

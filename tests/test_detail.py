@@ -1,0 +1,62 @@
+"""Toy world v2's detail layers (spo.toy.detail) and the judge's detail terms (spo.toy.judge_detail), tested on
+clean and degraded renders before any model is trained on them."""
+
+import numpy as np
+import pytest
+
+from spo.toy.detail import FINE, Details, sample_details
+from spo.toy.judge_detail import detail_parts
+from spo.toy.render import CLEAN, Defects, render
+from spo.toy.world import sample_scenes
+
+SCENES = sample_scenes(60, seed=11, split="train")
+
+
+def _est(details: Details, defects: Defects = CLEAN, key: str = "est_texture_break") -> np.ndarray:
+    return np.array([detail_parts(render(s, defects, seed=i, details=details))[key] for i, s in enumerate(SCENES)])
+
+
+def test_first_world_renders_are_untouched_and_details_stay_on_the_shape():
+    for i, scene in enumerate(SCENES[:10]):
+        flat = np.asarray(render(scene, CLEAN, seed=i), dtype=np.int16)
+        fine = np.asarray(render(scene, CLEAN, seed=i, details=FINE), dtype=np.int16)
+        assert np.array_equal(flat, np.asarray(render(scene, CLEAN, seed=i, details=None), dtype=np.int16))
+        changed = np.abs(fine - flat).max(axis=2) > 0
+        assert changed.any()
+        # the corner away from the shape is beyond it and its shadow: never touched
+        far = {"top left": (-1, -1), "top right": (-1, 0), "bottom left": (0, -1)}.get(scene.position, (0, 0))
+        assert not changed[far], scene
+
+
+@pytest.mark.parametrize("key,field", [("est_texture_break", "texture_break"), ("est_flat_light", "flat_light")])
+def test_estimates_rank_the_severity_on_clean_renders(key, field):
+    fine, half, full = (_est(Details(**{field: s}), key=key).mean() for s in (0.0, 0.5, 1.0))
+    assert fine < half < full and full - fine > 0.4, (fine, half, full)
+    rng = np.random.default_rng(3)
+    drawn = [Details(**{field: float(rng.uniform(0, 1))}) for _ in SCENES]
+    est = [detail_parts(render(s, CLEAN, seed=i, details=d))[key] for i, (s, d) in enumerate(zip(SCENES, drawn))]
+    assert np.corrcoef(est, [getattr(d, field) for d in drawn])[0, 1] > 0.8
+
+
+@pytest.mark.parametrize("defects", [Defects(grain=0.3), Defects(low_contrast=0.8), Defects(cramped=0.8)],
+                         ids=["grain", "low_contrast", "cramped"])
+@pytest.mark.parametrize("key,field", [("est_texture_break", "texture_break"), ("est_flat_light", "flat_light")])
+def test_estimates_survive_the_defects_that_keep_the_detail(defects, key, field):
+    gap = _est(Details(**{field: 1.0}), defects, key).mean() - _est(FINE, defects, key).mean()
+    assert gap > 0.3, gap
+
+
+@pytest.mark.parametrize("defects", [Defects(blur=0.8), Defects(pixelation=0.6)], ids=["blur", "pixelation"])
+def test_blur_and_pixelation_erase_the_weave_and_it_reads_as_lost(defects):
+    assert _est(FINE, defects).mean() > _est(FINE).mean() + 0.3
+
+
+def test_no_fill_no_detail_verdict():
+    # a missing subject (opacity 0) has no fill to judge: the detail terms neither add nor take away
+    parts = detail_parts(render(SCENES[0], CLEAN, seed=0, opacity=0.0, details=Details(1.0, 1.0)))
+    assert parts["est_texture_break"] == parts["est_flat_light"] == 0.0
+
+
+def test_sampled_details_are_seeded():
+    a = [sample_details(np.random.default_rng(5)) for _ in range(2)]
+    assert a[0] == a[1] and 0 <= a[0].level <= 2
