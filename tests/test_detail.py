@@ -60,3 +60,34 @@ def test_no_fill_no_detail_verdict():
 def test_sampled_details_are_seeded():
     a = [sample_details(np.random.default_rng(5)) for _ in range(2)]
     assert a[0] == a[1] and 0 <= a[0].level <= 2
+
+
+def test_world_two_dataset_keeps_the_first_worlds_scenes_and_defects_and_adds_detail():
+    from spo.toy.render import render_dataset
+
+    first, second = render_dataset(12, seed=4), render_dataset(12, seed=4, details=True)
+    assert [(s, d) for s, d, _ in first] == [(s, d) for s, d, _ in second]
+    assert all(np.asarray(a).shape == np.asarray(b).shape for (*_, a), (*_, b) in zip(first, second))
+    assert sum(not np.array_equal(np.asarray(a), np.asarray(b)) for (*_, a), (*_, b) in zip(first, second)) >= 10
+    again = render_dataset(12, seed=4, details=True)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for (*_, a), (*_, b) in zip(second, again))
+
+
+def test_world_two_aesthetic_adds_the_detail_terms_to_the_judges():
+    import torch
+
+    from spo.toy import judge, judge_detail
+
+    fine = [render(s, CLEAN, seed=i, details=FINE) for i, s in enumerate(SCENES[:20])]
+    worn = [render(s, CLEAN, seed=i, details=Details(1.0, 1.0)) for i, s in enumerate(SCENES[:20])]
+    for im in fine[:5]:
+        parts = detail_parts(im)
+        assert judge_detail.aesthetic(im) == pytest.approx(
+            judge.aesthetic(im) - parts["est_texture_break"] - parts["est_flat_light"])
+    gap = np.mean([judge_detail.aesthetic(a) - judge_detail.aesthetic(b) for a, b in zip(fine, worn)])
+    assert gap > 0.6, gap
+    # the scorer protocol: [B, 3, H, W] in [-1, 1] -> one score per image, prompt and t ignored
+    x = torch.stack([torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
+                     for im in (fine[0], worn[0])])
+    scores = judge_detail.aesthetic_preference(x, ["a", "b"], None)
+    assert scores.shape == (2,) and scores[0] > scores[1]

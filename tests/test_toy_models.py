@@ -47,6 +47,37 @@ def test_family_conditioning_shapes():
     assert out.shape == (1, 4, 16, 16)
 
 
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_world_two_architecture_has_eight_latent_channels_and_32_group_unets(family):
+    pipe = fresh_pipeline(family, world=2)
+    assert pipe.vae.config.latent_channels == pipe.unet.config.in_channels == pipe.unet.config.out_channels == 8
+    assert pipe.unet.config.norm_num_groups == 32  # as in every SD model: ComfyUI's UNet loader assumes it
+    assert all(m.num_groups == 32 for m in pipe.unet.modules() if isinstance(m, torch.nn.GroupNorm))
+    with torch.no_grad():
+        z = pipe.vae.encode(torch.zeros(1, 3, 32, 32)).latent_dist.mean
+        c = encode(pipe, ["a small red circle on a gray background, bottom right"])
+        assert pipe.unet(z, torch.tensor([10]), **c.unet_kwargs()).sample.shape == z.shape == (1, 8, 16, 16)
+
+
+def test_toy_build_of_world_two_records_it_and_keeps_it_when_continued(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    small = ["--images", "32", "--batch", "4", "--unet-steps", "2", "--decoder-steps", "1"]
+    cmd = [sys.executable, "-m", "spo", "toy", "build", "--family", "sd15", *small]
+    assert subprocess.run([*cmd, "--world", "2", "--vae-steps", "2", "--out", str(tmp_path / "a")],
+                          capture_output=True, text=True).returncode == 0
+    assert json.loads((tmp_path / "a" / "sd15" / "build_info.json").read_text())["world"] == 2
+    run = subprocess.run([*cmd, "--continue-from", str(tmp_path / "a"), "--out", str(tmp_path / "b")],
+                         capture_output=True, text=True)
+    assert run.returncode == 0 and load_toy_pipeline("sd15", tmp_path / "b" / "sd15").unet.config.in_channels == 8
+    refused = subprocess.run([*cmd, "--continue-from", str(TOY_MODEL_DIR), "--world", "2", "--out", str(tmp_path / "c")],
+                             capture_output=True, text=True)
+    assert refused.returncode == 2 and "cannot be continued as world 2" in refused.stderr
+    assert "Traceback" not in refused.stderr and not (tmp_path / "c").exists()
+
+
 def test_one_cycle_schedule_runs_for_every_short_budget():
     # torch's OneCycleLR divides by zero when its warm-up is exactly one step (20 steps at 5 % crashed
     # `spo toy build --decoder-steps 20`); every step count a user may give must run to the end.

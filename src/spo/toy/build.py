@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from spo.ddim import add_noise, velocity
+from spo.errors import SpoInputError
 from spo.images import images_to_tensor
 from spo.models.family import encode, trainable_text_encoders
 from spo.toy.defaults import MODELS as DEFAULT_BUDGET, TOY_MODEL_DIR
@@ -58,7 +59,44 @@ def train_vae(vae, pixels: torch.Tensor, steps: int, batch: int, seed: int) -> t
         return _encode(vae, pixels)
 
 
-def finetune_decoder(vae, latents: torch.Tensor, pixels: torch.Tensor, steps: int, batch: int, seed: int) -> None:
+def image_gradients(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return x[..., 1:, :] - x[..., :-1, :], x[..., :, 1:] - x[..., :, :-1]
+
+
+def sharp_loss(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """MSE + L1 + L1 of the image gradients. World 2's detail is a 4-pixel weave and a soft shadow: a plain-MSE
+    autoencoder this small averages the weave away (measured: 8 latent channels kept it only with this loss)."""
+    (ry, rx), (gy, gx) = image_gradients(recon), image_gradients(x)
+    return F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x) + 0.5 * (F.l1_loss(ry, gy) + F.l1_loss(rx, gx))
+
+
+def train_sharp_vae(vae, pixels: torch.Tensor, steps: int, batch: int, seed: int, lr: float = 1e-3) -> torch.Tensor:
+    """World 2's VAE: the posterior mean decoded (no sampling, as SD's VAE is used at inference), `sharp_loss`, a
+    small pull of the latents toward 0 in place of the KL term, a one-cycle schedule; returns the latents of `pixels`."""
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    sched = one_cycle(opt, lr, steps)
+    vae.train()
+    for _ in tqdm(range(steps), desc="vae", unit="step"):
+        x = pixels[torch.randint(0, len(pixels), (batch,), generator=g)]
+        z = vae.encode(x).latent_dist.mean
+        loss = sharp_loss(vae.decode(z).sample, x) + 1e-7 * z.pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    vae.eval()
+    with torch.no_grad():
+        return _encode(vae, pixels)
+
+
+def flat_loss(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    # L1 next to MSE: flat colour areas and hard edges matter more in the first world than the (unlearnable) grain.
+    return F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x)
+
+
+def finetune_decoder(vae, latents: torch.Tensor, pixels: torch.Tensor, steps: int, batch: int, seed: int,
+                     loss_fn=flat_loss) -> None:
     """Decoder-only fine-tuning on fixed (unscaled) latents: sharper, truer colours, same latent space."""
     g = torch.Generator().manual_seed(seed + 1)
     params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
@@ -67,9 +105,7 @@ def finetune_decoder(vae, latents: torch.Tensor, pixels: torch.Tensor, steps: in
     vae.train()
     for _ in tqdm(range(steps), desc="vae decoder", unit="step"):
         idx = torch.randint(0, len(pixels), (batch,), generator=g)
-        recon = vae.decode(latents[idx]).sample
-        # L1 next to MSE: flat colour areas and hard edges matter more here than the (unlearnable) grain.
-        loss = F.mse_loss(recon, pixels[idx]) + 0.5 * F.l1_loss(recon, pixels[idx])
+        loss = loss_fn(vae.decode(latents[idx]).sample, pixels[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -130,11 +166,12 @@ def train_denoiser(pipe, latents: torch.Tensor, captions: list[str], steps: int,
 def build(out_dir: Path = TOY_MODEL_DIR, families=("sd15", "sdxl"), n_images: int = DEFAULT_BUDGET["n_images"],
           vae_steps: int = DEFAULT_BUDGET["vae_steps"], unet_steps: int = DEFAULT_BUDGET["unet_steps"],
           batch: int = DEFAULT_BUDGET["batch"], seed: int = 0, decoder_steps: int = DEFAULT_BUDGET["decoder_steps"],
-          continue_from: Path | None = None, prediction_type: str | None = None) -> dict:
+          continue_from: Path | None = None, prediction_type: str | None = None, world: int | None = None) -> dict:
     """Train (or, with `continue_from`, keep training) the toy pipelines; returns the build record.
 
     `prediction_type` (epsilon, v_prediction): what the UNet is trained to predict; None keeps the continued
-    build's (epsilon for a fresh one).
+    build's (epsilon for a fresh one). `world` (1, 2): which toy world the models learn (`spo.toy.detail`: world 2
+    adds fine detail), with its architecture (`models.ARCHITECTURES`); None keeps the continued build's (1 fresh).
 
     `build_info.json` keeps one entry per stage in `history`, so a model continued over several sessions
     still says exactly what it took and on what machine.
@@ -144,10 +181,15 @@ def build(out_dir: Path = TOY_MODEL_DIR, families=("sd15", "sdxl"), n_images: in
     torch.manual_seed(seed)
     torch.set_flush_denormal(True)  # tiny weights decay into denormals; on CPU those make steps 5-10x slower
     started = time.time()
-    data = render_dataset(n_images, seed=seed, split="train")
+    before = json.loads((Path(continue_from) / families[0] / "build_info.json").read_text()) if continue_from else {}
+    world = world or before.get("world", 1)
+    if continue_from is not None and world != before.get("world", 1):
+        raise SpoInputError(f"{continue_from} holds toy world {before.get('world', 1)} models; "
+                            f"they cannot be continued as world {world}")
+    data = render_dataset(n_images, seed=seed, split="train", details=world >= 2)
     captions = [s.caption for s, _, _ in data]
     pixels = images_to_tensor([im for _, _, im in data])
-    info = {"seed": seed, "n_images": n_images, "vae_steps": 0 if continue_from else vae_steps,
+    info = {"seed": seed, "world": world, "n_images": n_images, "vae_steps": 0 if continue_from else vae_steps,
             "decoder_steps": decoder_steps, "unet_steps": unet_steps, "batch": batch,
             "snr_gamma": SNR_GAMMA, "ema_decay": EMA_DECAY,
             "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads".strip(),
@@ -158,19 +200,18 @@ def build(out_dir: Path = TOY_MODEL_DIR, families=("sd15", "sdxl"), n_images: in
 
         continue_from = Path(continue_from)
         pipes = {f: load_toy_pipeline(f, continue_from / f) for f in families}
-        before = json.loads((continue_from / families[0] / "build_info.json").read_text())
         history = before.get("history") or [before]
         info["continued_from"] = str(continue_from)
         vae = pipes[families[0]].vae
         with torch.no_grad():
             latents = _encode(vae, pixels)
     else:
-        pipes = {f: fresh_pipeline(f, seed) for f in families}
+        pipes = {f: fresh_pipeline(f, seed, world) for f in families}
         vae = pipes[families[0]].vae
-        latents = train_vae(vae, pixels, vae_steps, batch, seed)
+        latents = (train_sharp_vae if world >= 2 else train_vae)(vae, pixels, vae_steps, batch, seed)
         vae.register_to_config(scaling_factor=float(1.0 / latents.std()))  # unit-variance latents, as SD's 0.18215
     if decoder_steps:
-        finetune_decoder(vae, latents, pixels, decoder_steps, batch, seed)
+        finetune_decoder(vae, latents, pixels, decoder_steps, batch, seed, sharp_loss if world >= 2 else flat_loss)
     latents = latents * vae.config.scaling_factor
     info["vae_seconds"] = round(time.time() - started, 1)
     for family in families:

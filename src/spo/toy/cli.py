@@ -29,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     b.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default=None,
                    help="what the UNet learns to predict (default: epsilon, or the continued build's); "
                         "v_prediction with --continue-from an epsilon build converts it")
+    b.add_argument("--world", type=int, choices=[1, 2], default=None,
+                   help="toy world: 1 (the shipped models), 2 (fine detail decided late: a weave and lighting; "
+                        "8 latent channels, 32-group UNets); default: 1, or the continued build's")
 
     from spo.toy.defaults import CLIP as clip_budget
 
@@ -82,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
             raise SpoInputError(f"{args.continue_from}: no toy model folders for {', '.join(families)} to continue from")
         info = build(args.out or TOY_MODEL_DIR, families, args.images, args.vae_steps, args.unet_steps, args.batch,
                      args.seed, decoder_steps=args.decoder_steps, continue_from=args.continue_from,
-                     prediction_type=args.prediction_type)
+                     prediction_type=args.prediction_type, world=args.world)
         print(f"built {', '.join(families)} in {info['total_seconds']} s on {info['machine']} -> {args.out or TOY_MODEL_DIR}")
         return 0
     if args.toy_command == "clip":

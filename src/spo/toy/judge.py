@@ -378,20 +378,20 @@ def preference(images, prompts: Sequence[str], timesteps=None, w_align: float = 
     An oracle for diagnosis: SPO with it shows what the trainer does given a perfect clean-image preference,
     separating the trainer's limits from the preference model's.
     """
-    return _as_scorer(lambda im, cap: w_align * alignment(im, cap) + aesthetic(im), images, prompts)
+    return as_scorer(lambda im, cap: w_align * alignment(im, cap) + aesthetic(im), images, prompts)
 
 
 def aesthetic_preference(images, prompts: Sequence[str], timesteps=None):
     """The judge's aesthetic alone as a scorer (`spo.toy.judge:aesthetic_preference`); prompt and t are ignored."""
-    return _as_scorer(lambda im, cap: aesthetic(im), images, prompts)
+    return as_scorer(lambda im, cap: aesthetic(im), images, prompts)
 
 
 def alignment_preference(images, prompts: Sequence[str], timesteps=None):
     """The judge's alignment (0/1) as a scorer (`spo.toy.judge:alignment_preference`); t is ignored."""
-    return _as_scorer(lambda im, cap: float(alignment(im, cap)), images, prompts)
+    return as_scorer(lambda im, cap: float(alignment(im, cap)), images, prompts)
 
 
-def _as_scorer(score, images, prompts: Sequence[str]):
+def as_scorer(score, images, prompts: Sequence[str]):
     """Apply a per-image judge function to a [B, 3, H, W] batch in [-1, 1], as the scorer protocol wants."""
     import torch
 

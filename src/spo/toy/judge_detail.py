@@ -75,3 +75,20 @@ def detail_parts(image: Image.Image | np.ndarray) -> dict[str, float]:
     if m["fill_pixels"] < MIN_FILL:  # no fill to judge (a tiny or missing shape): nothing to add or to take away
         return {**m, "est_texture_break": 0.0, "est_flat_light": 0.0}
     return {**m, "est_texture_break": _readout(_TEXTURE, m), "est_flat_light": _readout(_FLAT, m)}
+
+
+def aesthetic(image: Image.Image | np.ndarray) -> float:
+    """Toy world 2's aesthetic: the judge's (defects: grain, blur, low contrast, pixelation, a cramped shape) less
+    the estimated severity of each detail quality."""
+    from spo.toy import judge
+
+    x = judge.as_array(image)
+    d = detail_parts(x)
+    return judge.aesthetic(x) - d["est_texture_break"] - d["est_flat_light"]
+
+
+def aesthetic_preference(images, prompts, timesteps=None):
+    """World 2's aesthetic as a preference scorer (`--reference spo.toy.judge_detail:aesthetic_preference`)."""
+    from spo.toy import judge
+
+    return judge.as_scorer(lambda im, _caption: aesthetic(im), images, prompts)

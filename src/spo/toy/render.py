@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from spo.toy.detail import Details, apply_details
+from spo.toy.detail import Details, apply_details, sample_details
 from spo.toy.world import BACKGROUNDS, COLORS, IMAGE_SIZE, POSITIONS, SIZES, Scene, shape_polygon
 
 SUPERSAMPLE = 4  # clean renders are drawn 4x larger and box-filtered down (anti-aliased edges)
@@ -115,14 +115,18 @@ def render(scene: Scene, defects: Defects = CLEAN, seed: int = 0, size: int = IM
     return Image.fromarray(np.clip(x * 255.0 + 0.5, 0, 255).astype(np.uint8))
 
 
-def render_dataset(n: int, seed: int, split: str = "train", p_present: float = 0.45):
-    """`n` (scene, defects, image) triples; deterministic for the seed."""
+def render_dataset(n: int, seed: int, split: str = "train", p_present: float = 0.45, details: bool = False):
+    """`n` (scene, defects, image) triples; deterministic for the seed. `details`: toy world 2's images, each with
+    sampled detail qualities (`detail.sample_details`, drawn from their own stream so the scenes, defects and
+    noise are those of the first world's images)."""
     from spo.toy.world import sample_scenes
 
     scenes = sample_scenes(n, seed, split)
     rng = np.random.default_rng([seed, 1])
+    detail_rng = np.random.default_rng([seed, 3])
     out = []
-    for i, scene in enumerate(scenes):
+    for scene in scenes:
         d = sample_defects(rng, p_present)
-        out.append((scene, d, render(scene, d, seed=int(rng.integers(2**31)))))
+        dt = sample_details(detail_rng) if details else None
+        out.append((scene, d, render(scene, d, seed=int(rng.integers(2**31)), details=dt)))
     return out

@@ -1,0 +1,100 @@
+"""`python benchmarks/run.py toy-headroom --model DIR`: can a toy world 2 model show what SPO is for? (issue 23)
+
+Measured on a world-2 toy pipeline folder (`spo toy build --world 2`), before any SPM or LoRA is trained on it,
+with world 2's aesthetic (`spo.toy.judge_detail.aesthetic`: the judge's defect terms and its detail terms):
+
+- base samples: 256 held-out captions, DDIM 20 steps, CFG 5 (SPO's evaluation setting): aesthetic mean and std
+  (the "base std" every gain is measured in) and the judge's alignment;
+- the VAE round trip of 400 clean held-out renders (no defect, fine detail): the share of their aesthetic margin
+  over the base samples that survives encoding and decoding (bar: >= 80 %);
+- headroom, with the project's own tool: `spo spm siblings` with the aesthetic as both preference and reference,
+  4 siblings per branching on 64 held-out captions; the reference's best minus worst of the finished siblings at
+  each branching step, in base std (bar: >= 0.5 at the presets' divert step and the middle steps after it).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+SCORER = "spo.toy.judge_detail:aesthetic_preference"
+DIVERT_STEP = 4  # the sd15 preset's divert_start_step (the sdxl preset's is 2, checked alongside)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", required=True, help="a world-2 toy pipeline folder")
+    parser.add_argument("--tag", default="", help="suffix of the result file")
+    parser.add_argument("--n-base", type=int, default=256, help="held-out base samples for the base std")
+    parser.add_argument("--n-renders", type=int, default=400, help="clean held-out renders round-tripped")
+    parser.add_argument("--n-siblings", type=int, default=64, help="held-out captions branched")
+    parser.add_argument("--at-steps", default="0,2,4,10,14,18")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--work", default="outputs/bench-toy-headroom")
+
+
+def _base_samples(pipe, n: int, seed: int) -> dict:
+    from spo.toy.judge_detail import aesthetic
+    from spo.toy.sampling import judge_images, sample
+    from spo.toy.world import sample_scenes
+
+    prompts = [s.caption for s in sample_scenes(n, seed=seed + 77, split="heldout")]
+    images = sample(pipe, prompts, seed=seed)
+    a = np.array([aesthetic(im) for im in images])
+    return {"n": n, "aesthetic_mean": float(a.mean()), "aesthetic_std": float(a.std(ddof=1)),
+            "alignment": judge_images(images, prompts)["alignment"]}, images
+
+
+def _round_trip(vae, n: int, base_mean: float) -> dict:
+    import torch
+
+    from spo.images import images_to_tensor, tensor_to_images
+    from spo.toy.detail import FINE
+    from spo.toy.judge_detail import aesthetic
+    from spo.toy.render import CLEAN, render
+    from spo.toy.world import sample_scenes
+
+    clean = [render(s, CLEAN, seed=i, details=FINE) for i, s in enumerate(sample_scenes(n, 99, "heldout"))]
+    x = images_to_tensor(clean)
+    with torch.no_grad():
+        back = tensor_to_images(vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1))
+    a0 = np.array([aesthetic(im) for im in clean])
+    a1 = np.array([aesthetic(im) for im in back])
+    mse = float(((images_to_tensor(back) - x) ** 2).mean())
+    return {"n": n, "clean_aesthetic": float(a0.mean()), "round_trip_aesthetic": float(a1.mean()),
+            "psnr_db": float(10 * np.log10(4 / mse)),
+            "margin_kept": float((a1.mean() - base_mean) / (a0.mean() - base_mean)), "bar": 0.8}
+
+
+def toy_headroom(args, run_child) -> dict:
+    import torch
+
+    from spo.io import save_image
+    from spo.models.loading import load_pipeline
+    from spo.show.grid import image_grid
+
+    torch.manual_seed(args.seed)
+    work = Path(args.work) / (args.tag or Path(args.model).name)
+    work.mkdir(parents=True, exist_ok=True)
+    pipe = load_pipeline(args.model)
+    base, images = _base_samples(pipe, args.n_base, args.seed)
+    save_image(image_grid(images[:64], cols=8, scale=4), work / "base_samples.png")
+    trip = _round_trip(pipe.vae, args.n_renders, base["aesthetic_mean"])
+    from spo.toy.world import sample_scenes
+
+    prompts = work / "heldout_captions.json"
+    prompts.write_text(json.dumps([s.caption for s in sample_scenes(args.n_siblings, 7, "heldout")]))
+    run_child(["spo", "spm", "siblings", SCORER, "--base", args.model, "--reference", SCORER, "--prompts", str(prompts),
+               "-n", str(args.n_siblings), "--k", "4", "--at-steps", args.at_steps, "--seed", str(args.seed),
+               "--out", str(work / "siblings"), "--no-progress"])
+    rows = json.loads((work / "siblings" / "siblings.json").read_text())["rows"]
+    sd = base["aesthetic_std"]
+    steps = [{"step": r["step"], "t": r["t"], "headroom": r["headroom_best_minus_worst"],
+              "headroom_in_base_std": r["headroom_best_minus_worst"] / sd,
+              "oracle_pick_agreement": r["scorers"][SCORER]["agreement"]} for r in rows]
+    middle = [s for s in steps if DIVERT_STEP <= s["step"] <= 14]
+    return {"model": args.model, "base_samples": base, "round_trip": trip, "siblings": steps,
+            "bars": {"round_trip_margin_kept_ge_0.8": trip["margin_kept"] >= 0.8,
+                     "headroom_ge_0.5_base_std_divert_to_middle": all(s["headroom_in_base_std"] >= 0.5 for s in middle)},
+            "pictures": str(work / "base_samples.png"), "siblings_picture": str(work / "siblings" / "siblings.png")}
