@@ -773,9 +773,10 @@ def main(argv: list[str]) -> None:
     import plan_check  # benchmarks/plan_check.py
 
     plan_check.add_arguments(sub.add_parser("plan-check"))
-    import toy_headroom  # benchmarks/toy_headroom.py
+    import toy_world2  # benchmarks/toy_world2.py
 
-    toy_headroom.add_arguments(sub.add_parser("toy-headroom"))
+    toy_world2.add_arguments(sub.add_parser("toy-headroom"))
+    toy_world2.add_oracle_arguments(sub.add_parser("toy-oracle"))
     pp = sub.add_parser("plan-presets")
     pp.add_argument("--presets", nargs="+", default=["sd15", "sdxl"])
     pp.add_argument("--prompts", type=int, default=4000)
@@ -788,13 +789,14 @@ def main(argv: list[str]) -> None:
           "vpred-toy": lambda a: __import__("vpred_toy").vpred_toy(a, run_child),
           "plan-presets": lambda a: __import__("plan_presets").plan_presets(a),
           "fullsize": fullsize.fullsize, "plan-check": plan_check.plan_check,
-          "toy-headroom": lambda a: toy_headroom.toy_headroom(a, run_child)}[args.name]
+          "toy-headroom": lambda a: toy_world2.toy_headroom(a, run_child),
+          "toy-oracle": lambda a: toy_world2.toy_oracle(a, run_child)}[args.name]
     if args.name == "quality":
         name = quality_name(args)
     elif args.name == "selection":
         name = f"selection-{args.family}" + (f"-{args.tag}" if args.tag else "")
-    elif args.name == "toy-headroom":
-        name = "toy-headroom" + (f"-{args.tag}" if args.tag else "")
+    elif args.name in ("toy-headroom", "toy-oracle"):
+        name = args.name + (f"-{args.tag}" if args.tag else "")
     elif args.name == "spm-time":
         name = "spm-time-sd15"
     else:

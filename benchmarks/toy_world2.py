@@ -1,4 +1,6 @@
-"""`python benchmarks/run.py toy-headroom --model DIR`: can a toy world 2 model show what SPO is for? (issue 23)
+"""Toy world 2's checks (issue 23), on a world-2 toy pipeline folder (`spo toy build --world 2`).
+
+`python benchmarks/run.py toy-headroom --model DIR`: can the model show what SPO is for at all?
 
 Measured on a world-2 toy pipeline folder (`spo toy build --world 2`), before any SPM or LoRA is trained on it,
 with world 2's aesthetic (`spo.toy.judge_detail.aesthetic`: the judge's defect terms and its detail terms):
@@ -10,6 +12,11 @@ with world 2's aesthetic (`spo.toy.judge_detail.aesthetic`: the judge's defect t
 - headroom, with the project's own tool: `spo spm siblings` with the aesthetic as both preference and reference,
   4 siblings per branching on 64 held-out captions; the reference's best minus worst of the finished siblings at
   each branching step, in base std (bar: >= 0.5 at the presets' divert step and the middle steps after it).
+
+`python benchmarks/run.py toy-oracle --model DIR`: a first look at the oracle arm of deliverable 3. `spo train` with
+the toy preset and world 2's aesthetic as SPO's preference (the judge itself: what a perfect preference gains),
+then base and base + LoRA on --n held-out captions with the same seeds, judged by world 2's aesthetic and the judge's
+alignment (bar for the full measurement: >= 0.5 base std, alignment drop <= 2 points).
 """
 
 from __future__ import annotations
@@ -98,3 +105,62 @@ def toy_headroom(args, run_child) -> dict:
             "bars": {"round_trip_margin_kept_ge_0.8": trip["margin_kept"] >= 0.8,
                      "headroom_ge_0.5_base_std_divert_to_middle": all(s["headroom_in_base_std"] >= 0.5 for s in middle)},
             "pictures": str(work / "base_samples.png"), "siblings_picture": str(work / "siblings" / "siblings.png")}
+
+
+def toy_oracle(args, run_child) -> dict:
+    import torch
+
+    from spo.io import save_image, write_json
+    from spo.models.loading import load_pipeline
+    from spo.show.grid import image_grid
+    from spo.stats import mean_half_width
+    from spo.toy.judge import alignment
+    from spo.toy.judge_detail import aesthetic
+    from spo.toy.sampling import sample
+    from spo.toy.world import sample_scenes
+
+    torch.manual_seed(args.seed)
+    work = Path(args.work) / (args.tag or Path(args.model).name)
+    prompts = work / "train_captions.json"
+    work.mkdir(parents=True, exist_ok=True)
+    write_json(prompts, [s.caption for s in sample_scenes(args.max_prompts, args.seed, "train")])
+    train = ["spo", "train", "--preset", args.preset, "--base", args.model, "--preference", SCORER,
+             "--prompts", str(prompts), "--epochs", str(args.epochs), "--seed", str(args.seed),
+             "--out", str(work / "spo"), "--no-report", "--no-evaluate", *args.spo_args.split()]
+    if not (work / "spo" / "lora").is_dir():
+        _, train_s, train_mb = run_child(train)
+    else:
+        train_s, train_mb = None, None
+    held = [s.caption for s in sample_scenes(args.n, seed=args.seed + 77, split="heldout")]
+    pipe = load_pipeline(args.model)
+    arms = {}
+    for name in ("base", "lora"):
+        if name == "lora":
+            pipe.load_lora_weights(str(work / "spo" / "lora"), weight_name="pytorch_lora_weights.safetensors")
+        images = sample(pipe, held, seed=args.seed)
+        arms[name] = (np.array([aesthetic(im) for im in images]),
+                      np.array([alignment(im, cap) for im, cap in zip(images, held)], dtype=np.float64), images)
+    (a0, l0, im0), (a1, l1, im1) = arms["base"], arms["lora"]
+    save_image(image_grid([im for ab in zip(im0[:32], im1[:32]) for im in ab], cols=8, scale=4), work / "before_after.png")
+    sd = float(a0.std(ddof=1))
+    return {"model": args.model, "spo_command": " ".join(train), "train_seconds": train_s, "train_peak_rss_mb": train_mb,
+            "n": args.n, "base_aesthetic": float(a0.mean()), "base_std": sd, "base_alignment": float(l0.mean()),
+            "gain_in_base_std": float((a1 - a0).mean() / sd), "gain_ci95_in_base_std": mean_half_width(a1 - a0) / sd,
+            "win_rate": float(np.mean(a1 > a0) + 0.5 * np.mean(a1 == a0)),
+            "alignment_change_points": float(100 * (l1.mean() - l0.mean())),
+            "alignment_change_ci95_points": 100 * mean_half_width(l1 - l0),
+            "picture": str(work / "before_after.png"),
+            "bars": {"gain_ge_0.5_base_std": bool((a1 - a0).mean() / sd >= 0.5),
+                     "alignment_drop_le_2_points": bool(100 * (l1.mean() - l0.mean()) >= -2)}}
+
+
+def add_oracle_arguments(parser) -> None:
+    parser.add_argument("--model", required=True, help="a world-2 toy pipeline folder")
+    parser.add_argument("--tag", default="", help="suffix of the result file")
+    parser.add_argument("--preset", default="toy-sd15")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--max-prompts", type=int, default=80, help="training captions (the toy default's 80)")
+    parser.add_argument("--spo-args", default="", help="more `spo train` flags")
+    parser.add_argument("--n", type=int, default=512, help="held-out images per arm")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--work", default="outputs/bench-toy-oracle")
