@@ -125,7 +125,7 @@ def toy_oracle(args, run_child) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     write_json(prompts, [s.caption for s in sample_scenes(args.max_prompts, args.seed, "train")])
     train = ["spo", "train", "--preset", args.preset, "--base", args.model, "--preference", SCORER,
-             "--prompts", str(prompts), "--epochs", str(args.epochs), "--seed", str(args.seed),
+             "--prompts", str(prompts), "--max-prompts", str(args.max_prompts), "--epochs", str(args.epochs), "--seed", str(args.seed),
              "--out", str(work / "spo"), "--no-report", "--no-evaluate", *args.spo_args.split()]
     if not (work / "spo" / "lora").is_dir():
         _, train_s, train_mb = run_child(train)
