@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 SCORER = "spo.toy.judge_detail:aesthetic_preference"
-DIVERT_STEP = 4  # the sd15 preset's divert_start_step (the sdxl preset's is 2, checked alongside)
+LAST_MIDDLE_STEP = 14  # of 20: after it (t < 251) little is left open on real models either
 
 
 def add_arguments(parser) -> None:
@@ -41,16 +41,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--work", default="outputs/bench-toy-headroom")
 
 
-def _base_samples(pipe, n: int, seed: int) -> dict:
-    from spo.toy.judge_detail import aesthetic
-    from spo.toy.sampling import judge_images, sample
-    from spo.toy.world import sample_scenes
+def _divert_step() -> int:
+    """The earliest divert step of the presets the bar speaks of (sd15, sdxl, toy-sdxl: 4; toy-sd15: 10)."""
+    from spo.train.config import build_config
 
-    prompts = [s.caption for s in sample_scenes(n, seed=seed + 77, split="heldout")]
-    images = sample(pipe, prompts, seed=seed)
-    a = np.array([aesthetic(im) for im in images])
-    return {"n": n, "aesthetic_mean": float(a.mean()), "aesthetic_std": float(a.std(ddof=1)),
-            "alignment": judge_images(images, prompts)["alignment"]}, images
+    return min(build_config(p).divert_start_step for p in ("sd15", "sdxl", "toy-sd15", "toy-sdxl"))
 
 
 def _round_trip(vae, n: int, base_mean: float) -> dict:
@@ -77,21 +72,23 @@ def _round_trip(vae, n: int, base_mean: float) -> dict:
 def toy_headroom(args, run_child) -> dict:
     import torch
 
-    from spo.io import save_image
+    from spo.io import save_image, write_json
     from spo.models.loading import load_pipeline
     from spo.show.grid import image_grid
+    from spo.toy.evaluate import evaluate_pipeline
+    from spo.toy.judge_detail import aesthetic
+    from spo.toy.world import sample_scenes
 
     torch.manual_seed(args.seed)
     work = Path(args.work) / (args.tag or Path(args.model).name)
     work.mkdir(parents=True, exist_ok=True)
     pipe = load_pipeline(args.model)
-    base, images = _base_samples(pipe, args.n_base, args.seed)
+    scores, images = evaluate_pipeline(pipe, args.n_base, args.seed, aesthetic=aesthetic)
+    base = {k: scores[k] for k in ("n", "aesthetic_mean", "aesthetic_std", "alignment")}
     save_image(image_grid(images[:64], cols=8, scale=4), work / "base_samples.png")
     trip = _round_trip(pipe.vae, args.n_renders, base["aesthetic_mean"])
-    from spo.toy.world import sample_scenes
-
     prompts = work / "heldout_captions.json"
-    prompts.write_text(json.dumps([s.caption for s in sample_scenes(args.n_siblings, 7, "heldout")]))
+    write_json(prompts, [s.caption for s in sample_scenes(args.n_siblings, 7, "heldout")])
     run_child(["spo", "spm", "siblings", SCORER, "--base", args.model, "--reference", SCORER, "--prompts", str(prompts),
                "-n", str(args.n_siblings), "--k", "4", "--at-steps", args.at_steps, "--seed", str(args.seed),
                "--out", str(work / "siblings"), "--no-progress"])
@@ -100,7 +97,7 @@ def toy_headroom(args, run_child) -> dict:
     steps = [{"step": r["step"], "t": r["t"], "headroom": r["headroom_best_minus_worst"],
               "headroom_in_base_std": r["headroom_best_minus_worst"] / sd,
               "oracle_pick_agreement": r["scorers"][SCORER]["agreement"]} for r in rows]
-    middle = [s for s in steps if DIVERT_STEP <= s["step"] <= 14]
+    middle = [s for s in steps if _divert_step() <= s["step"] <= LAST_MIDDLE_STEP]
     return {"model": args.model, "base_samples": base, "round_trip": trip, "siblings": steps,
             "bars": {"round_trip_margin_kept_ge_0.8": trip["margin_kept"] >= 0.8,
                      "headroom_ge_0.5_base_std_divert_to_middle": all(s["headroom_in_base_std"] >= 0.5 for s in middle)},
@@ -113,10 +110,9 @@ def toy_oracle(args, run_child) -> dict:
     from spo.io import save_image, write_json
     from spo.models.loading import load_pipeline
     from spo.show.grid import image_grid
-    from spo.stats import mean_half_width
-    from spo.toy.judge import alignment
+    from spo.stats import mean_half_width, win_fractions
+    from spo.toy.evaluate import evaluate_pipeline
     from spo.toy.judge_detail import aesthetic
-    from spo.toy.sampling import sample
     from spo.toy.world import sample_scenes
 
     torch.manual_seed(args.seed)
@@ -125,28 +121,26 @@ def toy_oracle(args, run_child) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     write_json(prompts, [s.caption for s in sample_scenes(args.max_prompts, args.seed, "train")])
     train = ["spo", "train", "--preset", args.preset, "--base", args.model, "--preference", SCORER,
-             "--prompts", str(prompts), "--max-prompts", str(args.max_prompts), "--epochs", str(args.epochs), "--seed", str(args.seed),
-             "--out", str(work / "spo"), "--no-report", "--no-evaluate", *args.spo_args.split()]
+             "--prompts", str(prompts), "--max-prompts", str(args.max_prompts), "--epochs", str(args.epochs),
+             "--seed", str(args.seed), "--out", str(work / "spo"), "--no-report", "--no-evaluate", *args.spo_args.split()]
     if not (work / "spo" / "lora").is_dir():
         _, train_s, train_mb = run_child(train)
     else:
         train_s, train_mb = None, None
-    held = [s.caption for s in sample_scenes(args.n, seed=args.seed + 77, split="heldout")]
     pipe = load_pipeline(args.model)
     arms = {}
     for name in ("base", "lora"):
         if name == "lora":
             pipe.load_lora_weights(str(work / "spo" / "lora"), weight_name="pytorch_lora_weights.safetensors")
-        images = sample(pipe, held, seed=args.seed)
-        arms[name] = (np.array([aesthetic(im) for im in images]),
-                      np.array([alignment(im, cap) for im, cap in zip(images, held)], dtype=np.float64), images)
+        scores, images = evaluate_pipeline(pipe, args.n, args.seed, aesthetic=aesthetic)
+        arms[name] = (np.asarray(scores["per_image"]["aesthetic"]), np.asarray(scores["per_image"]["alignment"]), images)
     (a0, l0, im0), (a1, l1, im1) = arms["base"], arms["lora"]
     save_image(image_grid([im for ab in zip(im0[:32], im1[:32]) for im in ab], cols=8, scale=4), work / "before_after.png")
     sd = float(a0.std(ddof=1))
     return {"model": args.model, "spo_command": " ".join(train), "train_seconds": train_s, "train_peak_rss_mb": train_mb,
             "n": args.n, "base_aesthetic": float(a0.mean()), "base_std": sd, "base_alignment": float(l0.mean()),
             "gain_in_base_std": float((a1 - a0).mean() / sd), "gain_ci95_in_base_std": mean_half_width(a1 - a0) / sd,
-            "win_rate": float(np.mean(a1 > a0) + 0.5 * np.mean(a1 == a0)),
+            "win_rate": float(win_fractions(a1, a0).mean()),  # ties count one half
             "alignment_change_points": float(100 * (l1.mean() - l0.mean())),
             "alignment_change_ci95_points": 100 * mean_half_width(l1 - l0),
             "picture": str(work / "before_after.png"),

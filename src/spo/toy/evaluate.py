@@ -7,13 +7,14 @@ from pathlib import Path
 import numpy as np
 
 
-def evaluate_pipeline(pipe, n: int, seed: int, split: str = "heldout") -> tuple[dict, list]:
+def evaluate_pipeline(pipe, n: int, seed: int, split: str = "heldout", aesthetic=None) -> tuple[dict, list]:
+    """(judge figures, images) of `n` samples on the split's captions; `aesthetic` as in `judge_images`."""
     from spo.toy.sampling import judge_images, sample
     from spo.toy.world import sample_scenes
 
     prompts = [s.caption for s in sample_scenes(n, seed=seed + 77, split=split)]
     images = sample(pipe, prompts, seed=seed)
-    return judge_images(images, prompts), images
+    return judge_images(images, prompts, aesthetic), images
 
 
 def before_after(base: str, lora: str | Path, n: int = 256, seed: int = 0, out: str | Path | None = None,

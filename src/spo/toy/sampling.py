@@ -34,10 +34,13 @@ def sample(pipe, prompts: list[str], seed: int, steps: int = 20, cfg: float = 5.
     return sample_native(pipe, prompts, spread_seeds(seed, len(prompts)), steps=steps, cfg=cfg, eta=eta, batch=batch)
 
 
-def judge_images(images, prompts) -> dict:
+def judge_images(images, prompts, aesthetic=None) -> dict:
+    """The judge's figures of `images`; `aesthetic`: a per-image function in place of the judge's own (e.g. toy
+    world 2's, `judge_detail.aesthetic`)."""
     from spo.toy import judge
 
-    aes = np.asarray(judge.aesthetic_batch(images), dtype=np.float64)
+    aes = np.asarray(judge.aesthetic_batch(images) if aesthetic is None else [aesthetic(im) for im in images],
+                     dtype=np.float64)
     ali = np.asarray(judge.alignment_batch(images, prompts), dtype=np.float64)
     n = len(images)
     return {
