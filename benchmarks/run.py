@@ -797,6 +797,8 @@ def main(argv: list[str]) -> None:
         name = f"selection-{args.family}" + (f"-{args.tag}" if args.tag else "")
     elif args.name in ("toy-headroom", "toy-oracle"):
         name = args.name + (f"-{args.tag}" if args.tag else "")
+    elif args.name == "fullsize" and args.only:  # a partial run must not overwrite the whole run's figures
+        name = f"fullsize-{args.family}-only-" + "-".join(args.only)
     elif args.name == "spm-time":
         name = "spm-time-sd15"
     else:
