@@ -119,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    from spo.host_memory import fix_mmap_threshold
+
+    fix_mmap_threshold()  # before any model is loaded: freed tensors go back to the OS (see spo/host_memory.py)
     module = importlib.import_module(args._module)
     quiet_libraries()
     try:
