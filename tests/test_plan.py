@@ -197,5 +197,10 @@ def test_spm_optimizer_options_count_adafactor_state_as_transformers_keeps_it():
                if torch.is_tensor(t) and k not in ("RMS", "step"))  # the per-parameter bookkeeping scalars aside
     assert adafactor_state_bytes(params) == held > 0
     cfg = build_config("toy-sd15")
-    options = plan_spm_training(meta_models(cfg.base, cfg, ""), 32, 2, cfg.cfg_scale)["options"]
+    models = meta_models(cfg.base, cfg, "")
+    options = plan_spm_training(models, 32, 2, cfg.cfg_scale)["options"]
     assert options["adafactor, fused backward pass"] < options["adafactor"] < options["adamw"]
+    # --full-bf16: 2 bytes less per SPM weight, 10 more for the one tensor being stepped (a saving once no tensor
+    # holds a fifth of the SPM: CLIP-H's largest is 4 %, the toy's token embedding more)
+    n, biggest = sum(p.numel() for p in models.spm.parameters()), max(p.numel() for p in models.spm.parameters())
+    assert options["adafactor, fused backward pass, --full-bf16"] == options["adafactor, fused backward pass"] - 2 * n + 10 * biggest

@@ -76,6 +76,25 @@ def test_fresh_spm_equals_its_clip(clip_dir, time_conditioning, side):
             torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_half_precision_clip_folder_streams_into_the_dtype_asked_for(tmp_path, dtype):
+    """from_clip reads model.safetensors tensor by tensor (no memory map): the same weights and buffers as
+    transformers' from_pretrained, in `dtype`, and the same scores."""
+    from transformers import CLIPModel
+
+    torch.manual_seed(1)
+    CLIPModel(toy_config()).half().save_pretrained(tmp_path)
+    ref = CLIPModel.from_pretrained(tmp_path, local_files_only=True, torch_dtype=dtype).eval()
+    spm = StepAwarePreferenceModel.from_clip(tmp_path, time_conditioning=False, dtype=dtype).eval()
+    got, want = spm.clip.state_dict(), ref.state_dict()
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) and got[k].dtype == dtype for k in got)
+    assert all(b.device.type == "cpu" for b in spm.buffers())
+    tolerance = {} if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)  # bf16: pixels are cast differently
+    with torch.no_grad():
+        torch.testing.assert_close(spm(_images(), PROMPTS, torch.tensor([0, 0, 0])).float(),
+                                   _reference_scores(ref, spm, _images(), PROMPTS).float(), **tolerance)
+
+
 def test_preprocess_maps_range_and_normalises():
     spm = StepAwarePreferenceModel.toy()
     x = torch.full((1, 3, 32, 32), -1.0)

@@ -171,6 +171,36 @@ def test_fused_backward_pass_frees_each_gradient_before_the_next():
     assert not all(torch.equal(p, q) for p, q in zip(params, StepAwarePreferenceModel.toy().parameters()))
 
 
+def test_full_bf16_keeps_bf16_weights_with_fp32_moments_and_resumes_exactly(pairs_file, tmp_path):
+    from accelerate.state import AcceleratorState
+
+    kw = dict(full_bf16=True, fused_backward_pass=True, mixed_precision="bf16", checkpoint_every=2)
+    AcceleratorState._reset_state(reset_partial_state=True)  # accelerate's state is per process: bf16 here only
+    try:
+        full = train(_cfg(pairs_file, tmp_path / "full", steps=4, **kw))
+        train(_cfg(pairs_file, tmp_path / "part", steps=2, **kw))
+        train(_cfg(pairs_file, tmp_path / "part", steps=4, resume=True, **kw))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    weights = _weights(tmp_path / "full")
+    assert full["steps"] == 4 and {w.dtype for w in weights.values()} == {torch.bfloat16}
+    fresh = StepAwarePreferenceModel.toy().state_dict()
+    assert sum(not torch.equal(w, fresh[k].bfloat16()) for k, w in weights.items()) > len(weights) // 2
+    moments = load_file(str(latest_checkpoint(tmp_path / "full" / "checkpoints") / "optimizer.safetensors"))
+    assert {v.dtype for k, v in moments.items() if k.endswith("exp_avg")} == {torch.float32}
+    resumed = _weights(tmp_path / "part")
+    assert all(torch.equal(weights[k], resumed[k]) for k in weights)
+
+
+@pytest.mark.parametrize("change", [dict(fused_backward_pass=False), dict(mixed_precision="no")])
+def test_full_bf16_needs_bf16_and_the_fused_pass(pairs_file, tmp_path, change):
+    from spo.errors import SpoInputError
+
+    with pytest.raises(SpoInputError, match="full_bf16 needs --mixed-precision bf16 and --fused-backward-pass"):
+        _cfg(pairs_file, tmp_path / "x", **{**dict(full_bf16=True, fused_backward_pass=True, mixed_precision="bf16"),
+                                            **change})
+
+
 def test_resume_refuses_changed_settings(pairs_file, tmp_path):
     from spo.errors import SpoInputError
 

@@ -75,7 +75,8 @@ def _text(result: dict, cfg, fitting: dict | None, budget: float | None, utilisa
                      f"activations {gib(spm['activations'])}, SPM weights + gradients + AdamW "
                      f"{gib(sum(spm['weights'][k] for k in ('spm (fp32)', 'spm gradients', 'optimizer state')))}")
         flags = {"adafactor": "--optimizer adafactor",
-                 "adafactor, fused backward pass": "--optimizer adafactor --fused-backward-pass"}
+                 "adafactor, fused backward pass": "--optimizer adafactor --fused-backward-pass",
+                 "adafactor, fused backward pass, --full-bf16": "the same with --full-bf16"}
         lines.append("  with " + "; ".join(f"{flag}: {gib(spm['options'][name])} GiB" for name, flag in flags.items()))
     if budget is not None:
         if fitting is None:

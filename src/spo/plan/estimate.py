@@ -182,9 +182,13 @@ def plan_spm_training(models: MetaModels, side: int, pairs: int, cfg_scale: floa
     activations = mem.at(pairs)
     fixed = sum(v for k, v in weights.items() if k not in ("spm gradients", "optimizer state")) + activations
     factored = adafactor_state_bytes(params)
-    # the fused backward pass steps each parameter in its gradient hook: one gradient alive at a time
+    # the fused backward pass steps each parameter in its gradient hook: one gradient alive at a time; --full-bf16
+    # halves the weights, and its step holds one tensor's bf16 gradient, fp32 copies of it and its weight, and the
+    # rounding noise (2 + 4 + 4 + 4 bytes)
+    biggest = max(p.numel() for p in params)
     options = {"adamw": fixed + 12 * n, "adafactor": fixed + 4 * n + factored,
-               "adafactor, fused backward pass": fixed + 4 * max(p.numel() for p in params) + factored}
+               "adafactor, fused backward pass": fixed + 4 * biggest + factored,
+               "adafactor, fused backward pass, --full-bf16": fixed - 2 * n + 14 * biggest + factored}
     return {"pairs": pairs, "weights": weights, "activations": activations, "options": options,
             "peak": sum(weights.values()) + activations, "flops": flops.at(pairs), "spm_parameters": n}
 

@@ -151,7 +151,8 @@ class StepAwarePreferenceModel(nn.Module):
         try:
             # `dtype` whatever the folder's weights are: the SPM's own layers follow it below, and a half-precision
             # CLIP folder would otherwise leave CLIP and those layers in different dtypes (error at the first Linear).
-            clip = CLIPModel.from_pretrained(clip_dir, local_files_only=True, torch_dtype=dtype)
+            clip = _streamed_clip(clip_dir, dtype) or CLIPModel.from_pretrained(clip_dir, local_files_only=True,
+                                                                                torch_dtype=dtype)
         except (OSError, ValueError, KeyError) as exc:
             raise SpoInputError(f"{clip_dir}: cannot load as a CLIP model ({str(exc).splitlines()[0]})") from None
         mean, std = _image_stats(clip_dir)
@@ -292,8 +293,10 @@ class StepAwarePreferenceModel(nn.Module):
         if out_dir.exists() and not out_dir.is_dir():
             raise SpoInputError(f"{out_dir} exists and is not a directory")
         config = self.config_dict()
-        state = {k: v.detach().to("cpu", torch.float32) if v.is_floating_point() else v.detach().cpu()
-                 for k, v in self.state_dict().items()}
+        # fp32 on disk, but bf16 weights (trained as bf16 masters, --full-bf16) stay bf16: an fp32 copy would cost
+        # twice their memory at the save and add no information.
+        state = {k: v.detach().to("cpu", torch.float32) if v.is_floating_point() and v.dtype != torch.bfloat16
+                 else v.detach().cpu() for k, v in self.state_dict().items()}
         with atomic_dir(out_dir) as tmp:
             save_safetensors(state, tmp / WEIGHTS_NAME, metadata={"format": FORMAT, "family": str(self.family)})
             write_json(tmp / CONFIG_NAME, config)
@@ -431,6 +434,30 @@ def _image_stats(folder: Path) -> tuple[list[float], list[float]]:
         except (OSError, ValueError):
             raise SpoInputError(f"cannot read {path}") from None
     return list(CLIP_MEAN), list(CLIP_STD)
+
+
+def _streamed_clip(clip_dir: Path, dtype: torch.dtype):
+    """The CLIPModel of a folder with one model.safetensors, built on the meta device and filled tensor by tensor in
+    `dtype` (as StepAwarePreferenceModel.load does); None for any other layout or a file whose keys do not fit,
+    which from_pretrained then reads. Why not from_pretrained for all: it memory-maps the file, and the mapped pages
+    it reads (2 GB for CLIP-H in fp16) stay in the process's RSS beside the converted weights until it closes."""
+    from accelerate import init_empty_weights
+    from transformers import CLIPConfig, CLIPModel
+
+    from spo.merge import TensorFile
+
+    weights = clip_dir / "model.safetensors"
+    if not weights.is_file():
+        return None
+    with init_empty_weights(include_buffers=False):
+        clip = CLIPModel(CLIPConfig.from_pretrained(clip_dir))
+    f = TensorFile(weights)
+    own = clip.state_dict()
+    if set(f.keys()) - set(own) - {k for k in f.keys() if k.endswith("position_ids")} or set(own) - set(f.keys()):
+        return None  # an older or renamed layout: transformers' loader knows its conversions
+    state = {k: f.read(k).to(dtype) for k in f.keys() if k in own}
+    _load_exact(clip, state, str(weights), assign=True)
+    return clip.eval()
 
 
 def _load_exact(model: nn.Module, state: dict, source: str, assign: bool = False) -> None:

@@ -74,6 +74,17 @@ def save_state(folder: Path, model: torch.nn.Module, optimizer, scheduler, progr
     return folder
 
 
+def _keep_saved_dtypes(optimizer, saved: dict) -> None:
+    """torch's load_state_dict casts every floating state to its parameter's dtype; bf16 master weights keep fp32
+    moments (engine.fuse_optimizer_step with rounding), which must come back as they were saved."""
+    ids = [i for group in saved["param_groups"] for i in group["params"]]
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for i, p in zip(ids, params):
+        for name, value in saved["state"].get(i, {}).items():
+            if torch.is_tensor(value) and optimizer.state[p][name].dtype != value.dtype:
+                optimizer.state[p][name] = value.to(p.device)
+
+
 def load_state(folder: Path, model: torch.nn.Module, optimizer, scheduler) -> dict:
     """Restore what save_state wrote into live objects; returns the progress dict."""
     from safetensors import SafetensorError
@@ -95,7 +106,9 @@ def load_state(folder: Path, model: torch.nn.Module, optimizer, scheduler) -> di
     with torch.no_grad():
         for name, value in weights.items():
             params[name].copy_(value.to(params[name].dtype))
-    optimizer.load_state_dict(_optimizer_from(opt_tensors, meta["optimizer"]))
+    saved = _optimizer_from(opt_tensors, meta["optimizer"])
+    optimizer.load_state_dict(saved)
+    _keep_saved_dtypes(optimizer, saved)
     if scheduler is not None and meta.get("scheduler"):
         state = scheduler.state_dict()
         state.update(meta["scheduler"])

@@ -194,6 +194,9 @@ class SPMConfig(RunConfig, PairsConfig):
     fused_backward_pass: bool = opt(False, "update each weight as soon as its gradient is ready and free that gradient "
                                            "(saves 4 bytes per SPM parameter: 5 GB for a PickScore-size SPM); "
                                            "clipping is then per tensor, and it cannot accumulate gradients")
+    full_bf16: bool = opt(False, "keep the SPM's weights in bf16 (half the memory of fp32 master weights), each "
+                                 "update computed in fp32 and rounded stochastically; needs --mixed-precision bf16 "
+                                 "and --fused-backward-pass (kohya's --full_bf16)")
 
 
 CONFIGS: dict[str, type] = {"spo": SPOConfig, "dpo": DPOConfig, "spm": SPMConfig}
@@ -329,6 +332,9 @@ def _checks(cfg: RunConfig) -> list[tuple[bool, str, str]]:
                   (0 <= cfg.relabel_threshold < 1, "relabel_threshold", "must be in [0, 1)")]
         rules.append((not (cfg.fused_backward_pass and cfg.mixed_precision == "fp16"), "fused_backward_pass",
                       "cannot run with fp16 mixed precision (its loss scaler unscales all gradients at once): use bf16"))
+        rules.append((not cfg.full_bf16 or (cfg.mixed_precision == "bf16" and cfg.fused_backward_pass), "full_bf16",
+                      "needs --mixed-precision bf16 and --fused-backward-pass (each bf16 weight is stepped in fp32 "
+                      "alone, in its gradient hook)"))
     return rules
 
 

@@ -25,6 +25,7 @@ from typing import Callable
 
 import torch
 
+from spo.dtypes import stochastic_round_bf16
 from spo.errors import SpoInputError
 from spo.train import checkpoint
 from spo.train.config import RunConfig, fingerprint, for_processes, to_dict
@@ -155,7 +156,9 @@ class Run:
         self.module, self.optimizer = self.accelerator.prepare(model, self.optimizer)
         self.model = self.accelerator.unwrap_model(self.module)
         if getattr(cfg, "fused_backward_pass", False):
-            fuse_optimizer_step(getattr(self.optimizer, "optimizer", self.optimizer), params, cfg.max_grad_norm)
+            rounding = (lambda: (cfg.seed, self.progress.step)) if getattr(cfg, "full_bf16", False) else None
+            fuse_optimizer_step(getattr(self.optimizer, "optimizer", self.optimizer), params, cfg.max_grad_norm,
+                                rounding)
         self.resume()
         if cfg.report_to != "none":
             self.accelerator.init_trackers(self.name, config={k: str(v) for k, v in to_dict(cfg).items()})
@@ -302,7 +305,7 @@ def make_optimizer(cfg: RunConfig, params):
     return torch.optim.AdamW(params, **kwargs)
 
 
-def fuse_optimizer_step(optimizer, params: list, max_grad_norm: float) -> None:
+def fuse_optimizer_step(optimizer, params: list, max_grad_norm: float, rounding=None) -> None:
     """Kohya's fused backward pass, on torch's post-accumulate-grad hooks: each weight takes its optimizer step as
     soon as its gradient is complete, and the gradient is freed at once, so a model's gradients never all exist
     (4 bytes per trained parameter saved). Clipping is then per tensor, as in kohya's sd-scripts.
@@ -310,15 +313,27 @@ def fuse_optimizer_step(optimizer, params: list, max_grad_norm: float) -> None:
     `optimizer.step()` steps only the parameters holding a gradient, which inside the hook is this one (the others'
     were freed by their own hooks or not computed yet): one optimizer, so its state, schedule and checkpoints are
     the unfused run's.
+
+    `rounding` (a callable giving (seed, optimizer step)) keeps bf16 weights as master weights: each is stepped on
+    an fp32 copy of itself and its gradient (so the optimizer's state is fp32 too) and written back with stochastic
+    rounding, seeded by (seed, step, parameter index) so that a resumed run rounds as an uninterrupted one.
     """
-    def step(param: torch.Tensor) -> None:
+    def step(param: torch.Tensor, index: int) -> None:
         if max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(param, max_grad_norm)
-        optimizer.step()
+        if rounding is None or param.dtype != torch.bfloat16:
+            optimizer.step()
+        else:
+            low = param.data
+            param.data, param.grad = low.float(), param.grad.float()
+            optimizer.step()
+            generator = torch.Generator(param.device).manual_seed(hash((*rounding(), index)) & (2**63 - 1))
+            low.copy_(stochastic_round_bf16(param.data, generator))
+            param.data = low
         param.grad = None
 
-    for param in params:
-        param.register_post_accumulate_grad_hook(step)
+    for index, param in enumerate(params):
+        param.register_post_accumulate_grad_hook(lambda p, i=index: step(p, i))
 
 
 def fused_problem(cfg: RunConfig, processes: int) -> str | None:

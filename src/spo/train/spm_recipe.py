@@ -70,7 +70,8 @@ def relabel_pairs(scorer, items, labels, side: int, threshold: float, device, ch
 
 
 # ------------------------------------------------------------------------------------------- model
-def build_spm(init: str, time_conditioning: bool, family: str | None, base: str | None = None):
+def build_spm(init: str, time_conditioning: bool, family: str | None, base: str | None = None,
+              dtype: torch.dtype = torch.float32):
     """A fresh SPM (a built-in base's tiny CLIP, or a CLIP folder), or a saved SPM to train further."""
     from spo.sources import get
     from spo.spm.model import StepAwarePreferenceModel, check_family
@@ -78,7 +79,7 @@ def build_spm(init: str, time_conditioning: bool, family: str | None, base: str 
 
     source = get(base)
     if init in ("", "toy") and source is not None and source.spm_init is not None:
-        return source.spm_init(time_conditioning=time_conditioning)
+        return source.spm_init(time_conditioning=time_conditioning).to(dtype)
     if not init:
         raise SpoInputError("no SPM to start from: pass --init CLIP_FOLDER (e.g. PickScore_v1) or an SPM folder")
     path = Path(init)
@@ -86,8 +87,8 @@ def build_spm(init: str, time_conditioning: bool, family: str | None, base: str 
         raise SpoInputError(f"--init {init}: no such folder (give a CLIP folder or an SPM folder)")
     spm_dir = find_spm_dir(path)
     if spm_dir is None:
-        return StepAwarePreferenceModel.from_clip(path, time_conditioning=time_conditioning)
-    spm = StepAwarePreferenceModel.load(spm_dir)
+        return StepAwarePreferenceModel.from_clip(path, time_conditioning=time_conditioning, dtype=dtype)
+    spm = StepAwarePreferenceModel.load(spm_dir, dtype=dtype)
     check_family(spm, family)
     if spm.time_conditioning != time_conditioning:
         raise SpoInputError(f"{spm_dir} is {'' if spm.time_conditioning else 'not '}time-conditioned; "
@@ -214,7 +215,7 @@ def train(cfg: SPMConfig) -> dict:
             relabel_info = {"scorer": cfg.relabel_with, "threshold": cfg.relabel_threshold,
                             "ties": int(sum(a == 0.5 for a in labels[0]))}
         set_seed(cfg.seed)  # the fresh model's initialisation (t-embedder weights, a fresh CLIP)
-        spm = build_spm(cfg.init, cfg.time_conditioning, family, cfg.base)
+        spm = build_spm(cfg.init, cfg.time_conditioning, family, cfg.base, torch.bfloat16 if cfg.full_bf16 else torch.float32)
         spm.family, spm.base_model = family, cfg.base
         if cfg.gradient_checkpointing:
             spm.set_gradient_checkpointing(True)
