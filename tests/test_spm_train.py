@@ -209,6 +209,24 @@ def test_resume_refuses_changed_settings(pairs_file, tmp_path):
         train(_cfg(pairs_file, tmp_path / "r", steps=2, lr=2e-3, resume=True))
 
 
+def test_a_checkpoint_from_before_a_setting_existed_resumes_at_its_default(pairs_file, tmp_path):
+    """An older spo wrote no `fused_backward_pass` (nor `full_bf16`) into the checkpoint: the run then had the
+    default, so resuming with the default continues, and with the setting changed is refused."""
+    import json
+
+    from spo.errors import SpoInputError
+
+    train(_cfg(pairs_file, tmp_path / "r", steps=1, checkpoint_every=1))
+    state_file = latest_checkpoint(tmp_path / "r" / "checkpoints") / "state.json"
+    state = json.loads(state_file.read_text())
+    for key in ("fused_backward_pass", "full_bf16"):
+        del state["progress"]["fingerprint"][key]
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(SpoInputError, match="settings differ.*fused_backward_pass"):
+        train(_cfg(pairs_file, tmp_path / "r", steps=2, resume=True, fused_backward_pass=True))
+    assert train(_cfg(pairs_file, tmp_path / "r", steps=2, resume=True))["resumed_from_step"] == 1
+
+
 def test_relabel_with_a_saved_spm(pairs_file, tmp_path):
     scorer = StepAwarePreferenceModel.toy(family="sd15", base_model="toy:sd15")
     scorer.save(tmp_path / "scorer")

@@ -173,7 +173,8 @@ class Run:
             return
         state = checkpoint.read_progress(done[-1])
         mine = fingerprint(self.cfg)
-        theirs = state.get("fingerprint", {})
+        # A setting newer than the checkpoint's spo ran as its default then: absent counts as the default.
+        theirs = {**fingerprint(type(self.cfg)()), **state.get("fingerprint", {})}
         differ = [k for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]
         if differ:
             raise SpoInputError(f"cannot resume from {done[-1]}: the run's settings differ ({', '.join(differ)})")
