@@ -13,7 +13,7 @@ a fixed threshold. Setting the threshold explicitly (`mallopt(M_MMAP_THRESHOLD, 
 Fixing the threshold also freezes glibc's trim threshold at its 128 KiB default, so the heap top is given back and
 taken again on every step: that alone cost the toy `spo train` 23 % wall time (sys time 1.3 -> 6.9 s). A 256 MiB
 trim threshold with a 64 MiB top pad keeps the small-block heap as the dynamic default would (toy wall time ratio
-1.01, same LoRA bit for bit) while the large blocks still go back to the OS.
+1.00, median of 4 runs: 11.4 s against 11.7 s, same LoRA bit for bit) while the large blocks still go back to the OS.
 
 There is no library call for this in torch or accelerate; `ctypes` on the C library is the documented interface.
 """
