@@ -1,7 +1,7 @@
 """Freed CPU tensors go back to the operating system in every `spo` command (spo/host_memory.py).
 
 Each case runs in a fresh interpreter (malloc settings are per process): it frees one 24 MiB tensor (which, with
-glibc's dynamic threshold, moves the mmap threshold to 24 MiB), makes 400 MiB of 4 MiB tensors, keeps a small
+glibc's dynamic threshold, moves the mmap threshold to 24 MiB), makes 400 MiB of 4 MiB tensors, keeps a 512 KiB
 tensor allocated after them, frees the 4 MiB ones and reads its RSS. The control without the fix must retain the
 memory, or the scenario proves nothing on this C library.
 """
@@ -24,7 +24,7 @@ from spo.host_memory import resident_bytes
 big = torch.ones(6 * 2**20); del big
 before = resident_bytes()
 tensors = [torch.ones(2**20) for _ in range(100)]
-pin = torch.ones(1000)
+pin = torch.ones(2**17)  # 512 KiB: no freed chunk below is that large, so it comes from the heap's top, above them
 peak = resident_bytes()
 del tensors
 print((peak - before) / 2**20, (resident_bytes() - before) / 2**20)
