@@ -26,12 +26,13 @@ def pretrain_clip(out_dir: str | Path, n_images: int = DEFAULT_BUDGET["n_images"
     from spo.tokenizer import load_clip_tokenizer
     from spo.images import images_to_tensor
     from spo.toy.build import one_cycle
+    from spo.toy.defaults import shipped_world
     from spo.toy.render import render_dataset
 
     torch.manual_seed(seed)
     torch.set_flush_denormal(True)
     started = time.time()
-    data = render_dataset(n_images, seed=seed + 100, split="train")
+    data = render_dataset(n_images, seed=seed + 100, split="train")  # the shipped models' world
     pixels = (images_to_tensor([im for _, _, im in data]) + 1) / 2  # [0, 1], then CLIP's normalisation
     mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
     pixels = (pixels - mean) / std
@@ -53,7 +54,7 @@ def pretrain_clip(out_dir: str | Path, n_images: int = DEFAULT_BUDGET["n_images"
         sched.step()
         bar.set_postfix(loss=f"{out.loss.item():.3f}")
     model.eval()
-    info = {"n_images": n_images, "steps": steps, "batch": batch, "lr": lr, "seed": seed,
+    info = {"world": shipped_world(), "n_images": n_images, "steps": steps, "batch": batch, "lr": lr, "seed": seed,
             "final_loss": round(out.loss.item(), 4), "seconds": round(time.time() - started, 1),
             "torch": torch.__version__, "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")}
     with atomic_dir(Path(out_dir)) as tmp:

@@ -256,8 +256,21 @@ def aesthetic(image: Image.Image | np.ndarray) -> float:
     return -float(sum(v for k, v in p.items() if k.startswith("est_")))
 
 
-def aesthetic_batch(images: Sequence[Image.Image | np.ndarray]) -> np.ndarray:
-    return np.array([aesthetic(im) for im in images], dtype=np.float64)
+def world_aesthetic(image: Image.Image | np.ndarray, world: int | None = None) -> float:
+    """The aesthetic of a toy world (None: the shipped models' world): the defect terms above in world 1; in
+    world 2 less its detail terms as well (`judge_detail.aesthetic`). Everything that judges toy images for
+    training or evaluation (the rater, the scorers, `spo score --judge`, the toy evaluation) goes through here."""
+    from spo.toy.defaults import shipped_world
+
+    if (world or shipped_world()) >= 2:
+        from spo.toy import judge_detail
+
+        return judge_detail.aesthetic(image)
+    return aesthetic(image)
+
+
+def aesthetic_batch(images: Sequence[Image.Image | np.ndarray], world: int | None = None) -> np.ndarray:
+    return np.array([world_aesthetic(im, world) for im in images], dtype=np.float64)
 
 
 # ----------------------------------------------------------------------------------------- alignment
@@ -367,7 +380,7 @@ def alignment_batch(images: Sequence[Image.Image | np.ndarray], captions: Sequen
 
 def columns(images, prompts: Sequence[str]) -> dict[str, list[float]]:
     """The judge as a model source's `judge`: aesthetic and alignment (0/1) of each PIL image."""
-    return {"aesthetic": [aesthetic(i) for i in images],
+    return {"aesthetic": [world_aesthetic(i) for i in images],
             "alignment": [float(alignment(i, p)) for i, p in zip(images, prompts)]}
 
 
@@ -378,12 +391,12 @@ def preference(images, prompts: Sequence[str], timesteps=None, w_align: float = 
     An oracle for diagnosis: SPO with it shows what the trainer does given a perfect clean-image preference,
     separating the trainer's limits from the preference model's.
     """
-    return as_scorer(lambda im, cap: w_align * alignment(im, cap) + aesthetic(im), images, prompts)
+    return as_scorer(lambda im, cap: w_align * alignment(im, cap) + world_aesthetic(im), images, prompts)
 
 
 def aesthetic_preference(images, prompts: Sequence[str], timesteps=None):
     """The judge's aesthetic alone as a scorer (`spo.toy.judge:aesthetic_preference`); prompt and t are ignored."""
-    return as_scorer(lambda im, cap: aesthetic(im), images, prompts)
+    return as_scorer(lambda im, cap: world_aesthetic(im), images, prompts)
 
 
 def alignment_preference(images, prompts: Sequence[str], timesteps=None):

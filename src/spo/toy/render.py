@@ -115,12 +115,14 @@ def render(scene: Scene, defects: Defects = CLEAN, seed: int = 0, size: int = IM
     return Image.fromarray(np.clip(x * 255.0 + 0.5, 0, 255).astype(np.uint8))
 
 
-def render_dataset(n: int, seed: int, split: str = "train", p_present: float = 0.45, details: bool = False):
+def render_dataset(n: int, seed: int, split: str = "train", p_present: float = 0.45, details: bool | None = None):
     """`n` (scene, defects, image) triples; deterministic for the seed. `details`: toy world 2's images, each with
     sampled detail qualities (`detail.sample_details`, drawn from their own stream so the scenes, defects and
-    noise are those of the first world's images)."""
+    noise are those of the first world's images); None: when the shipped models are world 2's."""
+    from spo.toy.defaults import shipped_world
     from spo.toy.world import sample_scenes
 
+    details = shipped_world() >= 2 if details is None else details
     scenes = sample_scenes(n, seed, split)
     rng = np.random.default_rng([seed, 1])
     detail_rng = np.random.default_rng([seed, 3])
