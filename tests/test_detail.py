@@ -124,8 +124,6 @@ def test_world_two_render_pairs_carry_detail_and_are_rated_by_world_two():
     ims_1, ims_2 = images(first), images(second)
     # same scenes, defects and noise; world 2 adds the weave and the light inside the shapes
     assert sum(not np.array_equal(np.asarray(a[0]), np.asarray(b[0])) for a, b in zip(ims_1, ims_2)) >= 60
-    # the labels follow the world-2 aesthetic: where the rater's noise cannot flip them (alignment equal,
-    # a large aesthetic gap), the preferred image is the one world 2 scores higher
     # The rater's noise is seeded, so the same images rated in each world part only where the detail terms
     # decide; there the margin moves toward the image whose detail world 2 judges better.
     captions = [r["caption"] for r in second]
@@ -142,6 +140,8 @@ def test_world_two_render_pairs_carry_detail_and_are_rated_by_world_two():
     # the pairs as written were rated in world 2 (before their JPEG encoding, which moves a few close calls)
     same = {w: np.mean([r["label_0"] == q["label_0"] for r, q in zip(second, relabelled[w])]) for w in (1, 2)}
     assert same[2] > same[1], same
+    # the labels follow the world-2 aesthetic: where the rater's noise cannot flip them (alignment equal,
+    # a large aesthetic gap), the preferred image is the one world 2 scores higher
     checked = 0
     for r, (a, b) in zip(second, ims_2):
         gap = judge_detail.aesthetic(a) - judge_detail.aesthetic(b)
