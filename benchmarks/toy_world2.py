@@ -14,7 +14,8 @@ with world 2's aesthetic (`spo.toy.judge_detail.aesthetic`: the judge's defect t
   each branching step, in base std (bar: >= 0.5 at the presets' divert step and the middle steps after it).
 
 `python benchmarks/run.py toy-oracle --model DIR`: a first look at the oracle arm of deliverable 3. `spo train` with
-the toy preset and world 2's aesthetic as SPO's preference (the judge itself: what a perfect preference gains),
+the toy preset and world 2's aesthetic (or, `--preference spo.toy.judge_detail:preference`, the rater's utility) as
+SPO's preference (the judge itself: what a perfect preference gains),
 then base and base + LoRA on --n held-out captions with the same seeds, judged by world 2's aesthetic and the judge's
 alignment (bar for the full measurement: >= 0.5 base std, alignment drop <= 2 points).
 """
@@ -120,7 +121,7 @@ def toy_oracle(args, run_child) -> dict:
     prompts = work / "train_captions.json"
     work.mkdir(parents=True, exist_ok=True)
     write_json(prompts, [s.caption for s in sample_scenes(args.max_prompts, args.seed, "train")])
-    train = ["spo", "train", "--preset", args.preset, "--base", args.model, "--preference", SCORER,
+    train = ["spo", "train", "--preset", args.preset, "--base", args.model, "--preference", args.preference,
              "--prompts", str(prompts), "--max-prompts", str(args.max_prompts), "--epochs", str(args.epochs),
              "--seed", str(args.seed), "--out", str(work / "spo"), "--no-report", "--no-evaluate", *args.spo_args.split()]
     if not (work / "spo" / "lora").is_dir():
@@ -152,6 +153,9 @@ def add_oracle_arguments(parser) -> None:
     parser.add_argument("--model", required=True, help="a world-2 toy pipeline folder")
     parser.add_argument("--tag", default="", help="suffix of the result file")
     parser.add_argument("--preset", default="toy-sd15")
+    parser.add_argument("--preference", default=SCORER,
+                        help="SPO's preference: world 2's aesthetic (default) or spo.toy.judge_detail:preference "
+                             "(the rater's utility: 2 x alignment + aesthetic)")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--max-prompts", type=int, default=80, help="training captions (the toy default's 80)")
     parser.add_argument("--spo-args", default="", help="more `spo train` flags")

@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from spo.toy.defaults import TOY_MODEL_DIR
+
 pytestmark = pytest.mark.slow  # integration: real training runs or subprocess chains
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -173,6 +175,8 @@ CASES = [
                                     "--out", "{t}/o"], ["p.txt"], ["{t}/o"]),
     ("toy-pairs-zero", ["toy", "pairs", "-n", "0", "--out", "{t}/p.parquet"], ["num-pairs"], ["{t}/p.parquet"]),
     ("toy-sample-missing-model", ["toy", "sample", "--model", "{t}/nope", "--out", "{t}/o"], ["nope"], ["{t}/o"]),
+    ("toy-sample-family-mismatch", ["toy", "sample", "--family", "sd15", "--model", str(TOY_MODEL_DIR / "sdxl"),
+                                    "--out", "{t}/o"], ["sdxl-family", "--family sdxl"], ["{t}/o"]),
     # ---- outputs that are not regular files: never replaced (the atomic rename would turn a device into a file)
     ("merge-out-dev-full", ["merge", "{recipe}", "--out", "/dev/full"], ["/dev/full", "character device"],
      ["/dev/full"]),

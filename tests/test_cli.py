@@ -50,6 +50,19 @@ def test_toy_sample_writes_grid_and_scores(tmp_path):
     assert "alignment" in r.stdout
 
 
+def test_toy_sample_takes_the_family_and_world_of_the_model_folder(tmp_path):
+    import json
+
+    from spo.toy.defaults import TOY_MODEL_DIR, model_world
+
+    r = spo("toy", "sample", "--model", str(TOY_MODEL_DIR / "sdxl"), "-n", "2", "--steps", "2", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    world = model_world(TOY_MODEL_DIR / "sdxl")
+    assert r.stdout.startswith(f"sdxl (world {world}):"), r.stdout
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    assert scores["family"] == "sdxl" and scores["world"] == world
+
+
 def test_toy_pairs_round_trip_through_pickapic_reader(tmp_path):
     from spo.data.pickapic import read_pairs
 

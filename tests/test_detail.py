@@ -91,6 +91,11 @@ def test_world_two_aesthetic_adds_the_detail_terms_to_the_judges():
                      for im in (fine[0], worn[0])])
     scores = judge_detail.aesthetic_preference(x, ["a", "b"], None)
     assert scores.shape == (2,) and scores[0] > scores[1]
+    # the rater's utility in world 2, whatever world the shipped models are
+    captions = [SCENES[0].caption, SCENES[1].caption]
+    utility = judge_detail.preference(x, captions, None)
+    assert utility.tolist() == pytest.approx([2 * judge.alignment(im, c) + judge_detail.aesthetic(im)
+                                              for im, c in zip((fine[0], worn[0]), captions)], abs=1e-4)
 
 
 def test_the_toy_world_follows_the_shipped_models_and_world_two_judges_with_its_detail_terms():

@@ -43,7 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     c.add_argument("--seed", type=seed, default=0, help="0..2**32-1, -1 for a random one")
 
     s = sub.add_parser("sample", help="sample a toy base model on held-out captions and judge the images")
-    s.add_argument("--family", choices=["sd15", "sdxl"], default="sd15", help="toy model family (default: %(default)s)")
+    s.add_argument("--family", choices=["sd15", "sdxl"], default=None,
+                   help="toy model family (default: the one --model holds, else sd15)")
     s.add_argument("--model", type=Path, default=None, help="a toy pipeline folder (default: the shipped one)")
     s.add_argument("-n", "--num-images", type=positive_int, default=64, help="images to sample and judge (default: %(default)s)")
     s.add_argument("--split", choices=["heldout", "train"], default="heldout", help="captions from the held-out or the training split (default: %(default)s)")
@@ -56,7 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--source", choices=["model", "render"], default="model",
                    help="two samples of the toy base model per caption, or two renders with random defects "
                         "(Pick-a-Pic-like pairs from 'other generators'; no model needed, thousands per second)")
-    p.add_argument("--family", choices=["sd15", "sdxl"], default="sd15", help="toy model family of the model source (default: %(default)s)")
+    p.add_argument("--family", choices=["sd15", "sdxl"], default=None,
+                   help="toy model family of the model source (default: the one --model holds, else sd15)")
     p.add_argument("--model", type=Path, default=None, help="a toy pipeline folder (default: the shipped one)")
     p.add_argument("-n", "--num-pairs", type=positive_int, default=256, help="pairs to write (default: %(default)s)")
     p.add_argument("--split", choices=["train", "heldout"], default="train",
@@ -116,8 +118,11 @@ def run(args: argparse.Namespace) -> int:
             rows = make_render_pair_rows(args.num_pairs, args.seed, split=args.split, p_wrong=args.p_wrong,
                                          p_missing=args.p_missing)
         else:
-            rows = make_pair_rows(load_toy_pipeline(args.family, args.model), args.num_pairs, args.seed,
-                                  split=args.split)
+            from spo.toy.defaults import model_world
+
+            family = args.family or (None if args.model else "sd15")  # None: the family --model holds
+            rows = make_pair_rows(load_toy_pipeline(family, args.model), args.num_pairs, args.seed, split=args.split,
+                                  world=model_world(args.model) if args.model else None)
         write_pairs(args.out, rows)
         ties = sum(r["label_0"] == 0.5 for r in rows)
         print(f"wrote {len(rows)} pair{'s' if len(rows) != 1 else ''} ({ties} tie{'s' if ties != 1 else ''}) -> {args.out}")
@@ -136,19 +141,25 @@ def _check_output_file(path: Path) -> None:
 def _sample(args) -> int:
     from spo.io import check_output_dir, ensure_writable_dir, save_image, write_json
     from spo.show.grid import image_grid
-    from spo.toy.sampling import judge_images, load_toy_pipeline, sample
+    from functools import partial
+
+    from spo.toy.defaults import TOY_MODEL_DIR, model_world
+    from spo.toy.judge import world_aesthetic
+    from spo.toy.sampling import folder_family, judge_images, load_toy_pipeline, sample
     from spo.toy.world import sample_scenes
 
     check_output_dir(args.out)  # fail early, but create it only once the model has loaded
-    pipe = load_toy_pipeline(args.family, args.model)
+    pipe = load_toy_pipeline(args.family or (None if args.model else "sd15"), args.model)  # None: --model's family
+    family = args.family or (folder_family(args.model) if args.model else "sd15")
+    world = model_world(args.model or TOY_MODEL_DIR / family)  # a world-2 build is judged by world 2's aesthetic
     out = ensure_writable_dir(args.out)
     prompts = [s.caption for s in sample_scenes(args.num_images, seed=args.seed, split=args.split)]
     images = sample(pipe, prompts, seed=args.seed, steps=args.steps, cfg=args.cfg)
-    scores = judge_images(images, prompts)
+    scores = judge_images(images, prompts, aesthetic=partial(world_aesthetic, world=world))
     save_image(image_grid(images[:64], cols=8, scale=4), out / "grid.png")
-    write_json(out / "scores.json", {"family": args.family, "split": args.split, "seed": args.seed,
+    write_json(out / "scores.json", {"family": family, "world": world, "split": args.split, "seed": args.seed,
                                       "steps": args.steps, "cfg": args.cfg, "prompts": prompts, **scores})
-    print(f"{args.family}: {scores['n']} images on {args.split} captions | judge aesthetic "
+    print(f"{family} (world {world}): {scores['n']} images on {args.split} captions | judge aesthetic "
           f"{scores['aesthetic_mean']:.3f} ± {scores['aesthetic_ci95']:.3f} (std {scores['aesthetic_std']:.3f}) | "
           f"alignment {100 * scores['alignment']:.1f}% | grid: {out / 'grid.png'}")
     return 0

@@ -21,5 +21,10 @@ def shipped_world() -> int:
     The judge's aesthetic, the renders behind `spo toy pairs` and the toy CLIP follow it, so that rebuilding the
     models (tools/rebuild_toy_world.sh copies them in first) switches every later step to their world at once.
     """
-    info = TOY_MODEL_DIR / "sd15" / "build_info.json"
+    return model_world(TOY_MODEL_DIR / "sd15")
+
+
+def model_world(folder: Path) -> int:
+    """The toy world a toy pipeline folder was built for (its build_info.json; 1 when it has none)."""
+    info = Path(folder) / "build_info.json"
     return int(json.loads(info.read_text()).get("world", 1)) if info.is_file() else 1

@@ -92,3 +92,12 @@ def aesthetic_preference(images, prompts, timesteps=None):
     from spo.toy import judge
 
     return judge.as_scorer(lambda im, _caption: aesthetic(im), images, prompts)
+
+
+def preference(images, prompts, timesteps=None, w_align: float = 2.0):
+    """World 2's judge as SPO's preference (`--preference spo.toy.judge_detail:preference`): the simulated
+    rater's utility, w_align * alignment + world 2's aesthetic, without its noise (`judge.preference` in world 2,
+    whatever world the shipped models are)."""
+    from spo.toy import judge
+
+    return judge.as_scorer(lambda im, cap: w_align * judge.alignment(im, cap) + aesthetic(im), images, prompts)

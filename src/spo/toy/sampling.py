@@ -13,20 +13,32 @@ from spo import stats
 from spo.toy.defaults import TOY_MODEL_DIR
 
 
-def load_toy_pipeline(family: str = "sd15", path: str | Path | None = None):
+def load_toy_pipeline(family: str | None = "sd15", path: str | Path | None = None):
+    """A toy pipeline from `path` (default: the shipped `family` model); `family` None: the one the folder holds."""
     from diffusers import DDIMScheduler
 
     from spo.errors import SpoInputError
 
-    if family not in FAMILIES:
+    if family is not None and family not in FAMILIES:
         raise SpoInputError(f"unknown toy family {family!r} (choose from {', '.join(FAMILIES)})")
-    folder = Path(path) if path else TOY_MODEL_DIR / family
+    folder = Path(path) if path else TOY_MODEL_DIR / (family or "sd15")
     if not (folder / "model_index.json").is_file():
         raise SpoInputError(f"{folder}: no toy model here (run `spo toy build` first)")
-    pipe = get_family(family).pipeline_cls().from_pretrained(folder, local_files_only=True)
+    held = folder_family(folder)
+    if family is not None and held != family:
+        raise SpoInputError(f"{folder} holds a {held}-family toy model, not {family} (pass --family {held})")
+    pipe = get_family(held).pipeline_cls().from_pretrained(folder, local_files_only=True)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def folder_family(folder: str | Path) -> str:
+    """The family of a diffusers pipeline folder, from the pipeline class its model_index.json names."""
+    import json
+
+    name = json.loads((Path(folder) / "model_index.json").read_text()).get("_class_name", "")
+    return "sdxl" if "XL" in name else "sd15"
 
 
 def sample(pipe, prompts: list[str], seed: int, steps: int = 20, cfg: float = 5.0, batch: int = 32, eta: float = 0.0):
