@@ -63,6 +63,15 @@ def test_toy_sample_takes_the_family_and_world_of_the_model_folder(tmp_path):
     assert scores["family"] == "sdxl" and scores["world"] == world
 
 
+def test_toy_sample_on_a_torn_model_index_is_one_line(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "model_index.json").write_text("{torn")
+    r = spo("toy", "sample", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "model_index.json" in r.stderr, r.stderr
+    assert not (tmp_path / "o").exists()
+
+
 def test_toy_pairs_round_trip_through_pickapic_reader(tmp_path):
     from spo.data.pickapic import read_pairs
 

@@ -139,10 +139,10 @@ def _check_output_file(path: Path) -> None:
 
 
 def _sample(args) -> int:
-    from spo.io import check_output_dir, ensure_writable_dir, save_image, write_json
-    from spo.show.grid import image_grid
     from functools import partial
 
+    from spo.io import check_output_dir, ensure_writable_dir, save_image, write_json
+    from spo.show.grid import image_grid
     from spo.toy.defaults import TOY_MODEL_DIR, model_world
     from spo.toy.judge import world_aesthetic
     from spo.toy.sampling import folder_family, judge_images, load_toy_pipeline, sample

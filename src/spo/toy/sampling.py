@@ -37,8 +37,14 @@ def folder_family(folder: str | Path) -> str:
     """The family of a diffusers pipeline folder, from the pipeline class its model_index.json names."""
     import json
 
-    name = json.loads((Path(folder) / "model_index.json").read_text()).get("_class_name", "")
-    return "sdxl" if "XL" in name else "sd15"
+    from spo.errors import SpoInputError
+
+    index = Path(folder) / "model_index.json"
+    try:
+        name = json.loads(index.read_text()).get("_class_name", "")
+    except (ValueError, AttributeError) as e:  # not JSON, or JSON that is not an object
+        raise SpoInputError(f"{index}: not a diffusers model index ({e})") from None
+    return "sdxl" if "XL" in str(name) else "sd15"
 
 
 def sample(pipe, prompts: list[str], seed: int, steps: int = 20, cfg: float = 5.0, batch: int = 32, eta: float = 0.0):
