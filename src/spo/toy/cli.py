@@ -109,7 +109,6 @@ def run(args: argparse.Namespace) -> int:
     if args.toy_command == "pairs":
         from spo.data.pickapic import write_pairs
         from spo.toy.pairs import make_pair_rows, make_render_pair_rows
-        from spo.toy.sampling import load_toy_pipeline
 
         _check_output_file(args.out)
         if args.source == "render":
@@ -118,11 +117,8 @@ def run(args: argparse.Namespace) -> int:
             rows = make_render_pair_rows(args.num_pairs, args.seed, split=args.split, p_wrong=args.p_wrong,
                                          p_missing=args.p_missing)
         else:
-            from spo.toy.defaults import model_world
-
-            family = args.family or (None if args.model else "sd15")  # None: the family --model holds
-            rows = make_pair_rows(load_toy_pipeline(family, args.model), args.num_pairs, args.seed, split=args.split,
-                                  world=model_world(args.model) if args.model else None)
+            pipe, _, world = _toy_model(args)
+            rows = make_pair_rows(pipe, args.num_pairs, args.seed, split=args.split, world=world)
         write_pairs(args.out, rows)
         ties = sum(r["label_0"] == 0.5 for r in rows)
         print(f"wrote {len(rows)} pair{'s' if len(rows) != 1 else ''} ({ties} tie{'s' if ties != 1 else ''}) -> {args.out}")
@@ -138,20 +134,28 @@ def _check_output_file(path: Path) -> None:
     check_output_file(path)  # a device, FIFO or socket there is never replaced
 
 
+def _toy_model(args):
+    """(pipeline, family, toy world) of `--model` (its own family unless `--family` is given) or the shipped model."""
+    from spo.models.family import family_of
+    from spo.toy.defaults import TOY_MODEL_DIR, model_world
+    from spo.toy.sampling import load_toy_pipeline
+
+    pipe = load_toy_pipeline(args.family or (None if args.model else "sd15"), args.model)
+    family = family_of(pipe)
+    return pipe, family, model_world(args.model or TOY_MODEL_DIR / family)
+
+
 def _sample(args) -> int:
     from functools import partial
 
     from spo.io import check_output_dir, ensure_writable_dir, save_image, write_json
     from spo.show.grid import image_grid
-    from spo.toy.defaults import TOY_MODEL_DIR, model_world
     from spo.toy.judge import world_aesthetic
-    from spo.toy.sampling import folder_family, judge_images, load_toy_pipeline, sample
+    from spo.toy.sampling import judge_images, sample
     from spo.toy.world import sample_scenes
 
     check_output_dir(args.out)  # fail early, but create it only once the model has loaded
-    pipe = load_toy_pipeline(args.family or (None if args.model else "sd15"), args.model)  # None: --model's family
-    family = args.family or (folder_family(args.model) if args.model else "sd15")
-    world = model_world(args.model or TOY_MODEL_DIR / family)  # a world-2 build is judged by world 2's aesthetic
+    pipe, family, world = _toy_model(args)  # a world-2 build is judged by world 2's aesthetic
     out = ensure_writable_dir(args.out)
     prompts = [s.caption for s in sample_scenes(args.num_images, seed=args.seed, split=args.split)]
     images = sample(pipe, prompts, seed=args.seed, steps=args.steps, cfg=args.cfg)

@@ -384,19 +384,20 @@ def columns(images, prompts: Sequence[str]) -> dict[str, list[float]]:
             "alignment": [float(alignment(i, p)) for i, p in zip(images, prompts)]}
 
 
-def preference(images, prompts: Sequence[str], timesteps=None, w_align: float = 2.0):
+def preference(images, prompts: Sequence[str], timesteps=None, w_align: float = 2.0, world: int | None = None):
     """The judge as an SPO scorer (`--preference spo.toy.judge:preference`): the simulated rater's utility,
     w_align * alignment + aesthetic, without its noise. Images in [-1, 1] as [B, 3, H, W]; t is ignored.
 
     An oracle for diagnosis: SPO with it shows what the trainer does given a perfect clean-image preference,
-    separating the trainer's limits from the preference model's.
+    separating the trainer's limits from the preference model's. `world`: the toy world's aesthetic (None: the
+    shipped models').
     """
-    return as_scorer(lambda im, cap: w_align * alignment(im, cap) + world_aesthetic(im), images, prompts)
+    return as_scorer(lambda im, cap: w_align * alignment(im, cap) + world_aesthetic(im, world), images, prompts)
 
 
-def aesthetic_preference(images, prompts: Sequence[str], timesteps=None):
+def aesthetic_preference(images, prompts: Sequence[str], timesteps=None, world: int | None = None):
     """The judge's aesthetic alone as a scorer (`spo.toy.judge:aesthetic_preference`); prompt and t are ignored."""
-    return as_scorer(lambda im, cap: world_aesthetic(im), images, prompts)
+    return as_scorer(lambda im, cap: world_aesthetic(im, world), images, prompts)
 
 
 def alignment_preference(images, prompts: Sequence[str], timesteps=None):

@@ -91,7 +91,7 @@ def aesthetic_preference(images, prompts, timesteps=None):
     """World 2's aesthetic as a preference scorer (`--reference spo.toy.judge_detail:aesthetic_preference`)."""
     from spo.toy import judge
 
-    return judge.as_scorer(lambda im, _caption: aesthetic(im), images, prompts)
+    return judge.aesthetic_preference(images, prompts, timesteps, world=2)
 
 
 def preference(images, prompts, timesteps=None, w_align: float = 2.0):
@@ -100,4 +100,4 @@ def preference(images, prompts, timesteps=None, w_align: float = 2.0):
     whatever world the shipped models are)."""
     from spo.toy import judge
 
-    return judge.as_scorer(lambda im, cap: w_align * judge.alignment(im, cap) + aesthetic(im), images, prompts)
+    return judge.preference(images, prompts, timesteps, w_align, world=2)

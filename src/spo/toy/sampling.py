@@ -24,7 +24,7 @@ def load_toy_pipeline(family: str | None = "sd15", path: str | Path | None = Non
     folder = Path(path) if path else TOY_MODEL_DIR / (family or "sd15")
     if not (folder / "model_index.json").is_file():
         raise SpoInputError(f"{folder}: no toy model here (run `spo toy build` first)")
-    held = folder_family(folder)
+    held = _folder_family(folder)
     if family is not None and held != family:
         raise SpoInputError(f"{folder} holds a {held}-family toy model, not {family} (pass --family {held})")
     pipe = get_family(held).pipeline_cls().from_pretrained(folder, local_files_only=True)
@@ -33,18 +33,19 @@ def load_toy_pipeline(family: str | None = "sd15", path: str | Path | None = Non
     return pipe
 
 
-def folder_family(folder: str | Path) -> str:
-    """The family of a diffusers pipeline folder, from the pipeline class its model_index.json names."""
+def _folder_family(folder: Path) -> str:
+    """The family whose pipeline class a diffusers folder's model_index.json names (read before any weights)."""
     import json
 
     from spo.errors import SpoInputError
+    from spo.models.family import BY_NAME
 
-    index = Path(folder) / "model_index.json"
+    index = folder / "model_index.json"
     try:
         name = json.loads(index.read_text()).get("_class_name", "")
     except (ValueError, AttributeError) as e:  # not JSON, or JSON that is not an object
         raise SpoInputError(f"{index}: not a diffusers model index ({e})") from None
-    return "sdxl" if "XL" in str(name) else "sd15"
+    return next((f.name for f in BY_NAME.values() if f.pipeline_class == name), "sd15")
 
 
 def sample(pipe, prompts: list[str], seed: int, steps: int = 20, cfg: float = 5.0, batch: int = 32, eta: float = 0.0):
