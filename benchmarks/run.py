@@ -200,7 +200,8 @@ def selection(args) -> dict:
                      "within_group_aesthetic_std": r["within_group_std"],
                      "scorers": {name: {"agreement": v["agreement"], "ci95": v["ci95"], "n": v["n"],
                                         "pick_gain": v["pick_gain"], "alignment_best_minus_worst": v["pick_gain_alignment"]}
-                                 for name, v in r["scorers"].items()}})
+                                 for name, v in r["scorers"].items()},
+                     "paired": r["paired"]})
     ceiling = _vae_ceiling(pipe, prompts, args.seed)
     plot = RESULTS / f"selection-{args.family}{f'-{args.tag}' if args.tag else ''}.png"
     plot_siblings(found, plot, title=f"toy {args.family}: selection agreement ({n} prompts, k = {k})")

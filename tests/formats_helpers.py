@@ -43,7 +43,7 @@ def unet_probe(pipe) -> torch.Tensor:
     """UNet noise prediction on fixed latents and real prompts (so text-encoder LoRAs count too)."""
     g = torch.Generator().manual_seed(1)
     side = pipe.unet.config.sample_size
-    x = torch.randn(2, 4, side, side, generator=g)
+    x = torch.randn(2, pipe.unet.config.in_channels, side, side, generator=g)
     cond = encode(pipe, ["a red circle above a blue square", "two green triangles"])
     with torch.no_grad():
         return pipe.unet(x, torch.tensor([500, 100]), **cond.unet_kwargs()).sample

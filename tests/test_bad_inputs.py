@@ -249,7 +249,7 @@ CASES = [
     ("generate-vae-other-family", ["generate", "--model", "toy:sdxl", "--vae", "{vae_sd15}", "--prompt", "x",
                                    "--out", "{t}/o"], ["scaling_factor 0.18215, an SD1.5 VAE", "family"], ["{t}/o"]),
     ("generate-vae-16-channels", ["generate", "--vae", "{vae16}", "--prompt", "x", "--out", "{t}/o"],
-     ["16-channel", "takes 4"], ["{t}/o"]),
+     ["16-channel", "takes 8"], ["{t}/o"]),  # toy world 2's UNets take 8 latent channels
     ("generate-vae-pickle", ["generate", "--vae", "{keep}", "--prompt", "x", "--out", "{t}/o"], ["pickle"], ["{t}/o"]),
     ("sweep-vae-other-family", ["sweep", "--model", "toy:sdxl", "--vae", "{vae_sd15}", "--prompt", "x", "-x", "cfg",
                                 "--cfgs", "3", "5", "--score", "none", "--out", "{t}/o"], ["SD1.5 VAE"], ["{t}/o"]),

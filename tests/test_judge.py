@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
+from spo.toy.detail import FINE
 from spo.toy import judge
 from spo.toy.render import CLEAN, Defects, render, render_dataset
 from spo.toy.world import COLORS, SHAPES, Scene, all_scenes
@@ -110,9 +111,10 @@ def test_judge_as_spo_scorer_prefers_the_right_clean_image():
     from spo.spm.scoring import load_scorer, score_images
 
     scenes = all_scenes("all")[:6]
-    good = [render(s, seed=i) for i, s in enumerate(scenes)]
-    empty = [render(s, seed=i, opacity=0.0) for i, s in enumerate(scenes)]
-    grainy = [render(s, Defects(grain=0.9), seed=i) for i, s in enumerate(scenes)]
+    # rendered as the shipped models' world draws them (world 2: with the weave and the light)
+    good = [render(s, seed=i, details=FINE) for i, s in enumerate(scenes)]
+    empty = [render(s, seed=i, opacity=0.0, details=FINE) for i, s in enumerate(scenes)]
+    grainy = [render(s, Defects(grain=0.9), seed=i, details=FINE) for i, s in enumerate(scenes)]
 
     def batch(images):
         x = torch.tensor(np.stack([np.asarray(im, dtype=np.float32) / 127.5 - 1 for im in images]))

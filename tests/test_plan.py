@@ -25,7 +25,8 @@ def _run_resampler(cfg, judge_chunk=0, batch=2):
         cond, uncond = encode(pipe, prompts), encode(pipe, prompts, negative=True)
     timesteps, a_t, a_prev = schedule(pipe.scheduler, cfg.num_steps)
     gens = [torch.Generator().manual_seed(i) for i in range(batch)]
-    x_T = torch.stack([torch.randn(4, 16, 16, generator=g) for g in gens])
+    shape = (pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
+    x_T = torch.stack([torch.randn(shape, generator=g) for g in gens])
     seen = {"unet_rows": 0, "decoded": 0}
 
     def model_fn(x, t, rows):
@@ -74,7 +75,7 @@ def _toy_training_step(device):
     with torch.device(device):
         torch.manual_seed(0)
         unet = UNet2DConditionModel.from_config(config)
-    x = torch.randn(3, 4, 16, 16, device=device)
+    x = torch.randn(3, config["in_channels"], config["sample_size"], config["sample_size"], device=device)
     e = torch.randn(3, 77, config["cross_attention_dim"], device=device)
     return lambda: unet(x, torch.tensor([10, 500, 900], device=device), e).sample.pow(2).mean().backward()
 

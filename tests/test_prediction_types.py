@@ -138,7 +138,7 @@ def test_dpo_error_is_on_the_v_target():
 
     pipe = load_pipeline("toy:sd15", prediction_type="v_prediction")
     g = torch.Generator().manual_seed(4)
-    shape = (2, 4, 16, 16)
+    shape = (2, pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
     batch = DPOBatch(torch.randn(shape, generator=g), torch.randn(shape, generator=g), torch.randn(shape, generator=g),
                      torch.tensor([10, 990]), encode(pipe, ["a red circle", "a blue square"]))
     with torch.no_grad():

@@ -289,7 +289,7 @@ def test_load_scorer_and_score_latents(tmp_path):
 
     vae = load_toy_pipeline("sd15").vae.eval()
     k, b = 3, 2
-    latents = torch.randn(b * k, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    latents = torch.randn(b * k, vae.config.latent_channels, 16, 16, generator=torch.Generator().manual_seed(0))
     prompts = [p for p in PROMPTS[:b] for _ in range(k)]
     t = torch.tensor([500] * (b * k))
     s1 = score_latents(scorer, vae, latents, prompts, t, chunk=2)

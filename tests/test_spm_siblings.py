@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from spo.spm.siblings import best_worst_agreement, sibling_agreement
+from spo.spm.siblings import best_worst_agreement, paired_picks, pick_outcomes, sibling_agreement
 
 pytestmark = pytest.mark.slow  # integration: real training runs or subprocess chains
 
@@ -32,6 +32,20 @@ def test_best_worst_agreement_by_hand():
     assert got["n"] == 2 and got["agreement"] == 0.5
     assert got["ci95"] == pytest.approx(1.96 * np.sqrt(0.25 / 2))
     assert got["pick_gain"] == pytest.approx((4.0 - 4.0 + 0.0 + 0.0) / 4)
+
+
+def test_pick_outcomes_and_paired_picks_by_hand():
+    reference = np.array([[1.0, 5.0, 0.0], [0.0, 4.0, 9.0], [1.0, 2.0, 3.0], [7.0, 7.0, 0.0]])
+    a = np.array([[0.0, 2.0, 1.0], [3.0, 1.0, 2.0], [1.0, 1.0, 1.0], [0.0, 1.0, 0.5]])
+    # wins, loses, cannot choose (a coin flip), reference tie (a coin flip)
+    assert pick_outcomes(a, reference).tolist() == [1.0, 0.0, 0.5, 0.5]
+    b = -a  # the reverse order: loses, wins, a coin flip, a coin flip
+    got = paired_picks(a, b, reference)
+    assert got["difference"] == pytest.approx((-1 + 1 + 0 + 0) / 4) and got["n"] == 4
+    assert not got["excludes_zero"]
+    perfect = np.tile(reference, (25, 1))
+    got = paired_picks(np.tile(-reference, (25, 1)), perfect, perfect)  # b picks by the reference itself, a against it
+    assert got["difference"] > 0.5 and got["excludes_zero"]
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +74,9 @@ def test_the_reference_agrees_with_itself_on_clean_siblings_and_batching_changes
     assert last["scorers"]["bright"]["agreement"] == 1.0 and last["scorers"]["dark"]["agreement"] == 0.0
     assert last["scorers"]["bright"]["pick_gain"] == pytest.approx(last["headroom_best_minus_worst"])
     assert last["scorers"]["dark"]["pick_gain"] == pytest.approx(-last["headroom_best_minus_worst"])
+    # the two scorers compared on the same siblings: every prompt flips from a win to a loss
+    (paired,) = last["paired"]
+    assert (paired["a"], paired["b"]) == ("bright", "dark") and paired["difference"] == pytest.approx(-1.0)
     # earlier, the siblings still differ once finished: the trajectory is open
     assert one["rows"][0]["headroom_best_minus_worst"] > last["headroom_best_minus_worst"] > 0
     # each prompt and candidate has its own generator: batching prompts one at a time gives the same result

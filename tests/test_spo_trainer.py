@@ -36,7 +36,8 @@ def _setup(family, inner, k=3, batch=2, steps=6, divert=2, seed=0):
         cond, uncond = encode(pipe, prompts), encode(pipe, prompts, negative=True)
     timesteps, a_t, a_prev = schedule(pipe.scheduler, steps)
     gens = [torch.Generator().manual_seed(seed + i) for i in range(batch)]
-    x_T = torch.stack([torch.randn(4, 16, 16, generator=g) for g in gens])
+    shape = (pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
+    x_T = torch.stack([torch.randn(shape, generator=g) for g in gens])
 
     def eps_fn(x, t, rows):
         return guided_output(pipe.unet, x, t, cond.index(rows), uncond.index(rows), cfg.cfg_scale)
@@ -61,7 +62,8 @@ def test_resampler_pairs(family, inner):
         assert not torch.equal(pairs.parent_w[later], pairs.parent_l[later])  # inner steps: own branches
         # the transition after the first on the winning branch starts where the first ended
         torch.testing.assert_close(pairs.parent_w[later], pairs.sample_w[first])
-    assert x0.shape == (2, 4, 16, 16) and torch.isfinite(x0).all()
+    c = pipe.unet.config
+    assert x0.shape == (2, c.in_channels, c.sample_size, c.sample_size) and torch.isfinite(x0).all()
     # Determinism: the same generators give the same pairs; a prompt's trajectory ignores its batch-mates.
     again = _setup(family, inner)[-1]
     torch.testing.assert_close(again.sample_w, pairs.sample_w)

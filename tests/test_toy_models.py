@@ -23,6 +23,15 @@ def test_shipped_toy_pipeline_loads_offline_with_diffusers(family):
     images = sample(load_toy_pipeline(family), ["a large blue square on a white background, top left"] * 2,
                     seed=0, steps=4)
     assert images[0].size == (32, 32)
+    # the shipped VAE round-trips a render through a posterior sample as through its mean (pinned posterior)
+    from spo.models.vae import decode, encode as vae_encode
+
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        mean = pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor
+        drawn = vae_encode(pipe.vae, x, torch.Generator().manual_seed(0))
+        assert (drawn - mean).abs().max() < 1e-2 * mean.abs().mean()
+        assert (decode(pipe.vae, drawn) - decode(pipe.vae, mean)).abs().max() < 1e-2
 
 
 def test_sampling_is_deterministic_for_a_seed():
@@ -72,7 +81,15 @@ def test_toy_build_of_world_two_records_it_and_keeps_it_when_continued(tmp_path)
     run = subprocess.run([*cmd, "--continue-from", str(tmp_path / "a"), "--out", str(tmp_path / "b")],
                          capture_output=True, text=True)
     assert run.returncode == 0 and load_toy_pipeline("sd15", tmp_path / "b" / "sd15").unet.config.in_channels == 8
-    refused = subprocess.run([*cmd, "--continue-from", str(TOY_MODEL_DIR), "--world", "2", "--out", str(tmp_path / "c")],
+    # its VAE's posterior is pinned narrow: a sample (img2img, DPO and SPM training draw one) is the mean
+    vae = load_toy_pipeline("sd15", tmp_path / "a" / "sd15").vae
+    with torch.no_grad():
+        posterior = vae.encode(torch.rand(2, 3, 32, 32) * 2 - 1).latent_dist
+    assert posterior.std.max() < 2e-3 and posterior.mean.abs().mean() > 10 * posterior.std.max()
+    # a world-1 build (other latent channels) cannot turn into a world-2 one by more training
+    assert subprocess.run([*cmd, "--world", "1", "--vae-steps", "2", "--out", str(tmp_path / "w1")],
+                          capture_output=True, text=True).returncode == 0
+    refused = subprocess.run([*cmd, "--continue-from", str(tmp_path / "w1"), "--world", "2", "--out", str(tmp_path / "c")],
                              capture_output=True, text=True)
     assert refused.returncode == 2 and "cannot be continued as world 2" in refused.stderr
     assert "Traceback" not in refused.stderr and not (tmp_path / "c").exists()

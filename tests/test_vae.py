@@ -174,7 +174,9 @@ def test_wrong_vae_files_refused(pipe, tmp_path):
     save_file({k: v.contiguous() for k, v in wide.state_dict().items()}, str(tmp_path / "wide.safetensors"))
     with pytest.raises(SpoInputError, match="16-channel"):
         load_pipeline("toy:sd15", vae=tmp_path / "wide.safetensors")
-    save_file({"decoder.conv_in.weight": torch.zeros(8, 4, 3, 3)}, str(tmp_path / "torn.safetensors"))
+    # the right latent channels, so what is refused is the missing rest of the VAE
+    z = pipe.vae.config.latent_channels
+    save_file({"decoder.conv_in.weight": torch.zeros(8, z, 3, 3)}, str(tmp_path / "torn.safetensors"))
     with pytest.raises(SpoInputError, match="does not fit"):
         load_pipeline("toy:sd15", vae=tmp_path / "torn.safetensors")
     save_file({"lora_unet_x.lora_down.weight": torch.zeros(4, 4)}, str(tmp_path / "lora.safetensors"))

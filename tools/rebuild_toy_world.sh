@@ -68,7 +68,7 @@ for family in sd15 sdxl; do
     spo toy pairs --family "$family" -n 400 --seed 2 --split heldout --out "$WORK/pairs_${family}_heldout.parquet"
     # 4. the SPM for this base model, and a time-unconditioned one on the same budget for comparison
     SPM_ARGS=(--base "toy:$family" --init "$WORK/toy_clip" --max-train-steps 800 --train-batch-size 16 --learning-rate 5e-4 --lr-warmup-steps 50 --lr-schedule cosine --weight-decay 0.05
-              --checkpoint-every 100 --no-progress)
+              --checkpoint-every-steps 100 --no-progress)
     DATA=("$WORK/pairs_render4_train_a.parquet" "$WORK/pairs_render4_train_b.parquet" "$WORK/pairs_${family}_train.parquet")
     spo spm train "${DATA[@]}" --out "$WORK/spm_$family" "${SPM_ARGS[@]}"
     spo spm train "${DATA[@]}" --out "$WORK/spm_${family}_untimed" --time-conditioning false "${SPM_ARGS[@]}"

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 import numpy as np
 import torch
 
-from spo.stats import proportion_half_width
+from spo.stats import paired_difference, proportion_half_width, win_fractions
 
 if TYPE_CHECKING:
     from spo.spm.scoring import Scorer  # the one scorer protocol: what load_scorer returns
@@ -44,10 +44,51 @@ def best_worst_agreement(scores: np.ndarray, reference: np.ndarray) -> dict:
     return {"agreement": agree, "ci95": ci, "n": m, "pick_gain": float(d.mean()) if n else float("nan")}
 
 
+def pick_outcomes(scores: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Per row of k siblings: 1 where the scorer's best ends better by the reference than its worst, 0 where
+    worse, 0.5 where it cannot choose or the reference ties (a coin flip), so that two scorers compare on
+    the same rows."""
+    n = len(scores)
+    best, worst = scores.argmax(1), scores.argmin(1)
+    d = reference[np.arange(n), best] - reference[np.arange(n), worst]
+    return np.where(best == worst, 0.5, win_fractions(d, np.zeros(n)))
+
+
+def paired_picks(scores_a: np.ndarray, scores_b: np.ndarray, reference: np.ndarray) -> dict:
+    """How much more often scorer b's pick ends better than scorer a's, on the same siblings (b - a, with the
+    paired 95 % interval): the comparison that answers "does b steer SPO better than a"."""
+    ci = paired_difference(pick_outcomes(scores_b, reference), pick_outcomes(scores_a, reference))
+    return {"difference": ci.estimate, "ci95": ci.as_pair(), "n": ci.n,
+            "excludes_zero": bool(not ci.contains(0.0))}
+
+
 def _generators(seed: int, tag: int, index: Sequence[int]) -> list[torch.Generator]:
     # One generator per prompt (trunk) or per candidate (branch), keyed by its global index, so the result
     # does not depend on how prompts are batched.
     return [torch.Generator().manual_seed((seed * 7919 + tag) * 100_003 + i) for i in index]
+
+
+def _rows(steps, timesteps, num_steps: int, scores: dict, ref: dict) -> list[dict]:
+    """Per measured step: headroom by the first reference, each scorer's agreement with it and its pick gain by
+    every reference, and every two scorers' paired difference in picks."""
+    k = next(iter(ref.values())).shape[2]
+    first = next(iter(ref))
+    rows = []
+    for si, s in enumerate(steps):
+        r = ref[first][si]
+        row = {"step": s, "t": int(timesteps[s]), "t_judged": int(timesteps[s + 1]) if s + 1 < num_steps else 0,
+               "headroom_best_minus_worst": float((r.max(1) - r.min(1)).mean()),
+               "within_group_std": float(r.std(axis=1, ddof=1).mean()) if k > 1 else 0.0, "scorers": {}}
+        for name in scores:
+            res = best_worst_agreement(scores[name][si], r)
+            for other in list(ref)[1:]:
+                res[f"pick_gain_{other}"] = best_worst_agreement(scores[name][si], ref[other][si])["pick_gain"]
+            row["scorers"][name] = res
+        names = list(scores)
+        row["paired"] = [{"a": a, "b": b, **paired_picks(scores[a][si], scores[b][si], r)}
+                         for i, a in enumerate(names) for b in names[i + 1:]]
+        rows.append(row)
+    return rows
 
 
 @torch.no_grad()
@@ -114,19 +155,7 @@ def sibling_agreement(pipe, scorers: Mapping[str, Scorer], references: Mapping[s
             bar.update(1)
     bar.close()
 
-    first = next(iter(references))
-    rows = []
-    for si, s in enumerate(steps):
-        r = ref[first][si]
-        row = {"step": s, "t": int(timesteps[s]), "t_judged": int(timesteps[s + 1]) if s + 1 < num_steps else 0,
-               "headroom_best_minus_worst": float((r.max(1) - r.min(1)).mean()),
-               "within_group_std": float(r.std(axis=1, ddof=1).mean()) if k > 1 else 0.0, "scorers": {}}
-        for name in scorers:
-            res = best_worst_agreement(scores[name][si], r)
-            for other in list(references)[1:]:
-                res[f"pick_gain_{other}"] = best_worst_agreement(scores[name][si], ref[other][si])["pick_gain"]
-            row["scorers"][name] = res
-        rows.append(row)
+    rows = _rows(steps, timesteps, num_steps, scores, ref)
     return {"n_prompts": n, "k": k, "num_steps": num_steps, "cfg": cfg, "eta": eta, "seed": seed,
             "scorers": list(scorers), "references": list(references), "rows": rows}
 
@@ -140,6 +169,11 @@ def format_table(result: dict) -> str:
         cells = [f"{100 * row['scorers'][x]['agreement']:5.1f}% ±{100 * row['scorers'][x]['ci95']:4.1f}".rjust(width)
                  for x in names]
         lines.append(f"{row['step']:>4} {row['t']:>4} {row['headroom_best_minus_worst']:>9.3f}  " + "  ".join(cells))
+    for row in result["rows"]:
+        for d in row.get("paired", []):
+            lo, hi = d["ci95"]
+            lines.append(f"step {row['step']:>2}: {d['b']} minus {d['a']}: {100 * d['difference']:+5.1f} points "
+                         f"[{100 * lo:+.1f}, {100 * hi:+.1f}] (paired, same siblings)")
     lines.append(f"share of {result['n_prompts']} prompts where the scorer's best of {result['k']} siblings ends better "
                  f"than its worst by {result['references'][0]} (50% = a coin flip); headroom: the reference's best "
                  f"minus worst of the finished siblings")

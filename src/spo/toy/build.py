@@ -86,8 +86,23 @@ def train_sharp_vae(vae, pixels: torch.Tensor, steps: int, batch: int, seed: int
         opt.step()
         sched.step()
     vae.eval()
+    pin_posterior(vae)
     with torch.no_grad():
         return _encode(vae, pixels)
+
+
+PINNED_LOGVAR = -14.0  # posterior std e^-7 ~ 1e-3 of unit-scale latents, about as narrow as SD's VAE's
+
+
+@torch.no_grad()
+def pin_posterior(vae) -> None:
+    """Make the posterior as narrow as SD's: its variance head is never trained when the mean alone is decoded
+    (it stays at its initial log-variance ~0, a std as large as the latents themselves), yet diffusers' img2img,
+    Diffusion-DPO and SPM training draw posterior samples, which would then be noisy copies of the means the UNet
+    learned (measured: round trip 22.4 dB PSNR from the mean, 17.7 dB from a sample)."""
+    half = vae.quant_conv.out_channels // 2  # moments = (mean, logvar) along the channels
+    vae.quant_conv.weight[half:] = 0.0
+    vae.quant_conv.bias[half:] = PINNED_LOGVAR
 
 
 def flat_loss(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
