@@ -111,9 +111,9 @@ def test_img2img_small_denoise_stays_close(tmp_path, gen_base):
 
     init = gen_base([PROMPT], [3], Settings(steps=10))[0]
     init.save(tmp_path / "init.png")
-    # 0.2 of 10 steps runs two denoising steps. At 0.1 a single step at t = 1 runs, where the toy UNet (trained
-    # with min-SNR weighting, which gives t ~ 1 almost no weight) predicts noise poorly: 11.4 / 255 mean change
-    # with the v2 toy, 12.05 with v3, against 5.1 at 0.2 and 25 at 1.0 (noted in the README).
+    # 0.2 of 10 steps runs two denoising steps. Toy world 2 (its VAE's posterior pinned narrow): 2.9 / 255 mean
+    # change at 0.1, 5.4 at 0.2, 16.5 at 1.0; before the pin a posterior sample added noise as large as the
+    # latents (18.7 at 0.2). The first world's toys: 11.4 / 12.05 at 0.1, 5.1 at 0.2, 25 at 1.0.
     r = run_cli("generate", "--prompt", PROMPT, "--init-image", tmp_path / "init.png", "--denoise", "0.2",
                 "--steps", 10, "--seed", 1, "--out", tmp_path / "low")
     assert r.returncode == 0, r.stderr

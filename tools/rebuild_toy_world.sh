@@ -6,11 +6,12 @@
 # per family 2,500 and 5,000 UNet steps, and 5,000 more for SD1.5, whose captions are followed late (alignment
 # 14 % / 50 % / 96 % after its stages; SDXL 16 % / 84 %). Measured on 2 CPU cores (2026-12-07): 14 minutes for the
 # VAE (two threads), then 96 (SD1.5) and 65 (SDXL) minutes for the UNets, both families in parallel, one thread each,
-# then 7 minutes for a decoder fine-tune. Run stage by stage so far, not end to end (docs/toy-world-v2.md).
-# Every step after the models are copied in follows their world
-# (`spo.toy.defaults.shipped_world`: the judge's aesthetic, the renders of the pairs and the toy CLIP). Earlier
-# measurements for the rest (world 1, 2026-11-22): a few minutes for the render pairs, about 20 for each
-# family's model pairs, 10 for the toy CLIP and 14 for each SPM.
+# then 7 minutes for a decoder fine-tune. The shipped models were built by step 1 stage by stage (not in one run);
+# the rest ran as it stands with MODELS= those models (2026-12-07), the SPMs again after their VAE's posterior was
+# pinned (`spo.toy.build.pin_posterior`, now part of the VAE stage). Every step after the models are copied in
+# follows their world (`spo.toy.defaults.shipped_world`: the judge's aesthetic, the renders of the pairs and the toy
+# CLIP). The rest took, two jobs at a time: 6 minutes for the render pairs, 10 for each family's model pairs and
+# 12 for each SPM (the toy CLIP: about 10 in world 1).
 set -euo pipefail
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}   # one thread per job: two jobs on two cores without spin contention
 ASSETS=src/spo/assets

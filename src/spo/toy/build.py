@@ -186,7 +186,7 @@ def build(out_dir: Path = TOY_MODEL_DIR, families=("sd15", "sdxl"), n_images: in
 
     `prediction_type` (epsilon, v_prediction): what the UNet is trained to predict; None keeps the continued
     build's (epsilon for a fresh one). `world` (1, 2): which toy world the models learn (`spo.toy.detail`: world 2
-    adds fine detail), with its architecture (`models.ARCHITECTURES`); None keeps the continued build's (1 fresh).
+    adds fine detail), with its architecture (`models.ARCHITECTURES`); None keeps the continued build's (2 fresh).
 
     `build_info.json` keeps one entry per stage in `history`, so a model continued over several sessions
     still says exactly what it took and on what machine.
@@ -197,7 +197,7 @@ def build(out_dir: Path = TOY_MODEL_DIR, families=("sd15", "sdxl"), n_images: in
     torch.set_flush_denormal(True)  # tiny weights decay into denormals; on CPU those make steps 5-10x slower
     started = time.time()
     before = json.loads((Path(continue_from) / families[0] / "build_info.json").read_text()) if continue_from else {}
-    world = world or before.get("world", 1)
+    world = world or (before.get("world", 1) if continue_from else 2)  # a fresh build: the shipped world
     if continue_from is not None and world != before.get("world", 1):
         raise SpoInputError(f"{continue_from} holds toy world {before.get('world', 1)} models; "
                             f"they cannot be continued as world {world}")

@@ -30,8 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="what the UNet learns to predict (default: epsilon, or the continued build's); "
                         "v_prediction with --continue-from an epsilon build converts it")
     b.add_argument("--world", type=int, choices=[1, 2], default=None,
-                   help="toy world: 1 (the shipped models), 2 (fine detail decided late: a weave and lighting; "
-                        "8 latent channels, 32-group UNets); default: 1, or the continued build's")
+                   help="toy world: 2 (the shipped models: fine detail decided late, a weave and lighting; 8 latent "
+                        "channels, 32-group UNets), 1 (the first: flat shapes); default: 2, or the continued build's")
 
     from spo.toy.defaults import CLIP as clip_budget
 
