@@ -28,6 +28,14 @@ if TYPE_CHECKING:
 DEFAULT_STEPS = (0, 4, 10, 14, 18)
 
 
+def _best_minus_worst(scores: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of k siblings: whether the scorer can choose (its best and worst differ), and the reference's
+    score of the scorer's best minus that of its worst."""
+    rows = np.arange(len(scores))
+    best, worst = scores.argmax(1), scores.argmin(1)
+    return best != worst, reference[rows, best] - reference[rows, worst]
+
+
 def best_worst_agreement(scores: np.ndarray, reference: np.ndarray) -> dict:
     """Over rows of k siblings: how often the scorer's best ends better by the reference than its worst.
 
@@ -35,9 +43,8 @@ def best_worst_agreement(scores: np.ndarray, reference: np.ndarray) -> dict:
     and worst are left out of the agreement; `pick_gain` averages the reference difference over all rows.
     """
     n = len(scores)
-    best, worst = scores.argmax(1), scores.argmin(1)
-    d = reference[np.arange(n), best] - reference[np.arange(n), worst]
-    decided = (best != worst) & (d != 0)
+    chose, d = _best_minus_worst(scores, reference)
+    decided = chose & (d != 0)
     m = int(decided.sum())
     agree = float((d[decided] > 0).mean()) if m else float("nan")
     ci = proportion_half_width(agree, m)  # the "+-" half-width this field has always held (spo.stats)
@@ -48,10 +55,8 @@ def pick_outcomes(scores: np.ndarray, reference: np.ndarray) -> np.ndarray:
     """Per row of k siblings: 1 where the scorer's best ends better by the reference than its worst, 0 where
     worse, 0.5 where it cannot choose or the reference ties (a coin flip), so that two scorers compare on
     the same rows."""
-    n = len(scores)
-    best, worst = scores.argmax(1), scores.argmin(1)
-    d = reference[np.arange(n), best] - reference[np.arange(n), worst]
-    return np.where(best == worst, 0.5, win_fractions(d, np.zeros(n)))
+    chose, d = _best_minus_worst(scores, reference)
+    return np.where(chose, win_fractions(d, np.zeros(len(d))), 0.5)
 
 
 def paired_picks(scores_a: np.ndarray, scores_b: np.ndarray, reference: np.ndarray) -> dict:
@@ -73,6 +78,7 @@ def _rows(steps, timesteps, num_steps: int, scores: dict, ref: dict) -> list[dic
     every reference, and every two scorers' paired difference in picks."""
     k = next(iter(ref.values())).shape[2]
     first = next(iter(ref))
+    names = list(scores)
     rows = []
     for si, s in enumerate(steps):
         r = ref[first][si]
@@ -84,7 +90,6 @@ def _rows(steps, timesteps, num_steps: int, scores: dict, ref: dict) -> list[dic
             for other in list(ref)[1:]:
                 res[f"pick_gain_{other}"] = best_worst_agreement(scores[name][si], ref[other][si])["pick_gain"]
             row["scorers"][name] = res
-        names = list(scores)
         row["paired"] = [{"a": a, "b": b, **paired_picks(scores[a][si], scores[b][si], r)}
                          for i, a in enumerate(names) for b in names[i + 1:]]
         rows.append(row)
