@@ -458,12 +458,24 @@ def train_default(args) -> dict:
 
 
 # --------------------------------------------------------------------------------------- quality
-def _train_run(cmd: list[str], out: Path) -> list[tuple[float, Path, int | None]]:
-    """Run a training command (unless its output exists); its (training seconds, LoRA folder, threads) per epoch."""
-    if not (out / "lora").is_dir():
+def _reusable_epochs(out: Path, epochs: int) -> bool:
+    """Whether `out` already holds the first `epochs` epochs of this run: a finished run, or a longer run stopped
+    after them whose learning rate was constant (its epoch-N checkpoint is then what an N-epoch run would save)."""
+    if (out / "lora").is_dir():
+        return True
+    last = out / f"lora-epoch-{epochs:03d}" / "training_summary.json"
+    if not last.is_file():
+        return False
+    config = json.loads(last.read_text())["config"]
+    return config["epochs"] == epochs or config.get("lr_schedule", "constant") == "constant"
+
+
+def _train_run(cmd: list[str], out: Path, epochs: int) -> list[tuple[float, Path, int | None]]:
+    """Run a training command (unless its epochs exist); its (training seconds, LoRA folder, threads) per epoch."""
+    if not _reusable_epochs(out, epochs):
         run_child(cmd + ["--out", str(out), "--no-report", "--no-evaluate"])
     points = []
-    for folder in sorted(out.glob("lora-epoch-*")):
+    for folder in sorted(out.glob("lora-epoch-*"))[:epochs]:
         summary = json.loads((folder / "training_summary.json").read_text())
         points.append((summary["seconds"], folder, summary.get("threads")))
     return points
@@ -493,13 +505,13 @@ def quality(args) -> dict:
     if args.preference:
         spo_cmd += ["--preference", args.preference]
     spo_cmd += shlex.split(args.spo_args)
-    spo_points = _train_run(spo_cmd, work / (preset + (f"-{args.tag}" if args.tag else "")))
+    spo_points = _train_run(spo_cmd, work / (preset + (f"-{args.tag}" if args.tag else "")), args.spo_epochs)
     dpo_cmd = ["spo", "dpo", "--preset", f"dpo-toy-{fam}", "--epochs", str(args.dpo_epochs), "--seed", str(args.seed)]
     if args.pairs:
         dpo_cmd += ["--data", *args.pairs]
     if args.dpo_max_pairs:
         dpo_cmd += ["--max-pairs", str(args.dpo_max_pairs)]
-    dpo_points = _train_run(dpo_cmd, work / "dpo") if args.dpo_epochs else []
+    dpo_points = _train_run(dpo_cmd, work / "dpo", args.dpo_epochs) if args.dpo_epochs else []
     ref = _judge_arm(base, None, args.n, args.seed)
     a0, l0 = np.asarray(ref["aesthetic"]), np.asarray(ref["alignment"])
     sd = float(a0.std(ddof=1))
