@@ -459,10 +459,8 @@ def train_default(args) -> dict:
 
 # --------------------------------------------------------------------------------------- quality
 def _reusable_epochs(out: Path, epochs: int) -> bool:
-    """Whether `out` already holds the first `epochs` epochs of this run: a finished run, or a longer run stopped
-    after them whose learning rate was constant (its epoch-N checkpoint is then what an N-epoch run would save)."""
-    if (out / "lora").is_dir():
-        return True
+    """Whether `out` already holds the first `epochs` epochs of this run: an N-epoch run's epoch-N LoRA, or a longer
+    run's whose learning rate was constant (that checkpoint is then what an N-epoch run would save)."""
     last = out / f"lora-epoch-{epochs:03d}" / "training_summary.json"
     if not last.is_file():
         return False
