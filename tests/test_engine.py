@@ -1,6 +1,6 @@
 """The training engine and the config system shared by `spo train`, `spo dpo` and `spo spm train`:
 --print-config round-trips through --config, old flag spellings still work (with a deprecation line), one run per
-output folder, and an interrupted run's history survives --resume.
+output folder, and an interrupted run's history and training time survive --resume.
 """
 
 from __future__ import annotations
@@ -110,3 +110,7 @@ def test_history_survives_an_interrupt_and_resume(tmp_path):
     b = json.loads((out / "history.json").read_text())
     assert len(a) == len(b) == 36
     assert [(h["epoch"], h["step"], h["loss"]) for h in a] == [(h["epoch"], h["step"], h["loss"]) for h in b]
+    # the training time counts the part before the interrupt too (as far as its last checkpoint), so that an
+    # epoch's cost in a resumed run compares with an uninterrupted one's
+    summary = json.loads((out / "lora" / "training_summary.json").read_text())
+    assert summary["seconds"] > summary["seconds_this_run"] > 0

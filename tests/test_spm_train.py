@@ -209,6 +209,17 @@ def test_resume_refuses_changed_settings(pairs_file, tmp_path):
         train(_cfg(pairs_file, tmp_path / "r", steps=2, lr=2e-3, resume=True))
 
 
+def test_resume_refuses_a_decaying_schedule_over_another_horizon(pairs_file, tmp_path):
+    """More steps on resume extend a constant rate exactly (above); a cosine one would bend the trained part."""
+    from spo.errors import SpoInputError
+
+    train(_cfg(pairs_file, tmp_path / "r", steps=2, checkpoint_every=1, lr_schedule="cosine", lr_warmup_steps=0))
+    with pytest.raises(SpoInputError, match="cosine learning rate decays over 2 optimizer steps, this run's over 4"):
+        train(_cfg(pairs_file, tmp_path / "r", steps=4, resume=True, lr_schedule="cosine", lr_warmup_steps=0))
+    assert train(_cfg(pairs_file, tmp_path / "r", steps=2, resume=True, lr_schedule="cosine",
+                      lr_warmup_steps=0))["resumed_from_step"] == 2
+
+
 def test_a_checkpoint_from_before_a_setting_existed_resumes_at_its_default(pairs_file, tmp_path):
     """An older spo wrote no `fused_backward_pass` (nor `full_bf16`) into the checkpoint: the run then had the
     default, so resuming with the default continues, and with the setting changed is refused."""

@@ -45,6 +45,7 @@ class Progress:
     step: int = 0  # optimizer steps
     iteration: int = 0  # batches done in all
     pending: int = 0  # train batches whose gradients wait for the next optimizer step (accumulation)
+    seconds: float = 0.0  # training wall seconds up to the checkpoint, over every run a resume continued
 
 
 class Method:
@@ -114,6 +115,8 @@ class Run:
     progress: Progress = field(default_factory=Progress)
     history: list = field(default_factory=list)
     started: float = field(default_factory=time.time)
+    total_steps: int = 0  # optimizer steps the learning-rate schedule spans
+    seconds_before: float = 0.0  # what the runs this one resumes had trained (a resumed run's summary counts them)
     hooks: list[Callable[[str, "Run", dict], None]] = field(default_factory=list)
     log: Callable[[str], None] = print
     _lock: int | None = None
@@ -149,7 +152,7 @@ class Run:
         The schedule is not handed to accelerate: it would step once per process, and it counts optimizer steps.
         """
         cfg = self.cfg
-        self.params = params
+        self.params, self.total_steps = params, total_steps
         self.optimizer = make_optimizer(cfg, params)
         self.lr_sched = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: learning_rate_factor(s, cfg.lr_warmup_steps, total_steps, cfg.lr_schedule))
@@ -178,10 +181,18 @@ class Run:
         differ = [k for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]
         if differ:
             raise SpoInputError(f"cannot resume from {done[-1]}: the run's settings differ ({', '.join(differ)})")
+        # --epochs and --max-train-steps may change on resume (a run is extended), but a decaying rate would then
+        # decay over another horizon than the part already trained: neither the old run nor the new one
+        horizon = state.get("total_steps", self.total_steps)  # absent: written before the horizon was kept
+        if self.cfg.lr_schedule != "constant" and horizon != self.total_steps:
+            raise SpoInputError(f"cannot resume from {done[-1]}: its {self.cfg.lr_schedule} learning rate decays over "
+                                f"{horizon} optimizer steps, this run's over {self.total_steps} (changed --epochs or "
+                                "--max-train-steps); only a constant schedule can be extended")
         checkpoint.load_state(done[-1], self.model, self.optimizer, self.lr_sched)
         # A checkpoint written before `pending` existed was always taken between optimizer steps (pending 0).
         self.progress = Progress(**{k: state.get(k, v) for k, v in asdict(Progress()).items()})
         self.history = list(state.get("history", []))
+        self.seconds_before = self.progress.seconds
         self.log(f"resumed from {done[-1]} (epoch {self.progress.epoch}, batch {self.progress.batch}, "
               f"step {self.progress.step})")
 
@@ -189,7 +200,9 @@ class Run:
         self.accelerator.wait_for_everyone()
         if self.is_main:
             ckpt_dir = self.out / CHECKPOINT_DIR
-            state = {**asdict(self.progress), "fingerprint": fingerprint(self.cfg), "history": self.history}
+            self.progress.seconds = round(self.elapsed(), 1)
+            state = {**asdict(self.progress), "fingerprint": fingerprint(self.cfg), "total_steps": self.total_steps,
+                     "history": self.history}
             checkpoint.save_state(ckpt_dir / name, self.model, self.optimizer, self.lr_sched, state)
             checkpoint.prune(ckpt_dir, self.cfg.keep_checkpoints)
         self.accelerator.wait_for_everyone()
@@ -220,9 +233,13 @@ class Run:
             check_finite(stats["loss"], self.params, weights)
         return stats
 
+    def elapsed(self) -> float:
+        """Training wall seconds of the whole run, resumed parts included (an epoch's cost stays comparable)."""
+        return self.seconds_before + time.time() - self.started
+
     def summary(self) -> dict:
-        return {"epochs": self.progress.epoch, "steps": self.progress.step,
-                "seconds": round(time.time() - self.started, 1), "threads": torch.get_num_threads(),
+        return {"epochs": self.progress.epoch, "steps": self.progress.step, "seconds": round(self.elapsed(), 1),
+                "seconds_this_run": round(time.time() - self.started, 1), "threads": torch.get_num_threads(),
                 "config": to_dict(self.cfg)}
 
     def close(self) -> None:

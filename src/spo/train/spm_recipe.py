@@ -234,7 +234,7 @@ def train(cfg: SPMConfig) -> dict:
             "family": family, "base_model": cfg.base, "time_conditioning": cfg.time_conditioning,
             "processes": run.accelerator.num_processes, "relabel": relabel_info, "config": run.summary()["config"],
             "final_loss_mean_last_10": float(np.mean(losses[-10 * cfg.gradient_accumulation_steps:])) if losses else None,
-            "seconds_this_run": run.summary()["seconds"], "data_wait": wait_summary(method.waits),
+            "seconds": run.summary()["seconds"], "seconds_this_run": run.summary()["seconds_this_run"], "data_wait": wait_summary(method.waits),
         }
         run.accelerator.wait_for_everyone()
         if run.is_main:
