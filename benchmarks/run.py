@@ -468,20 +468,15 @@ def _reusable_epochs(out: Path, epochs: int) -> bool:
     return config["epochs"] == epochs or config.get("lr_schedule", "constant") == "constant"
 
 
-def _resumable(out: Path) -> bool:
-    """Whether `out` holds checkpoints of a constant-rate run: continued for more epochs, it follows the trajectory
-    of a longer run (a decaying rate's horizon would change; `spo train` then refuses the folder)."""
-    from spo.train.checkpoint import complete_checkpoints, read_progress
-
-    done = complete_checkpoints(out / "checkpoints")
-    return bool(done) and read_progress(done[-1]).get("fingerprint", {}).get("lr_schedule", "constant") == "constant"
-
-
 def _train_run(cmd: list[str], out: Path, epochs: int) -> list[tuple[float, Path, int | None]]:
-    """Run a training command (unless its epochs exist: a shorter constant-rate run is continued); its (training
-    seconds, LoRA folder, threads) per epoch."""
+    """Run a training command (unless its epochs exist); its (training seconds, LoRA folder, threads) per epoch.
+    A folder with checkpoints is resumed: `spo train` continues a stopped or shorter run, and refuses one whose
+    decaying learning rate would change its horizon."""
+    from spo.train.checkpoint import complete_checkpoints
+
     if not _reusable_epochs(out, epochs):
-        run_child(cmd + ["--out", str(out), "--no-report", "--no-evaluate", *(["--resume"] if _resumable(out) else [])])
+        resume = ["--resume"] if complete_checkpoints(out / "checkpoints") else []
+        run_child(cmd + ["--out", str(out), "--no-report", "--no-evaluate", *resume])
     points = []
     for folder in sorted(out.glob("lora-epoch-*"))[:epochs]:
         summary = json.loads((folder / "training_summary.json").read_text())

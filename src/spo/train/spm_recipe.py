@@ -228,13 +228,15 @@ def train(cfg: SPMConfig) -> dict:
         method = SPMMethod(cfg, pipe, batches, world, rank, summary)
         fit(run, method)
         losses = [h["loss"] for h in run.history]
+        run_summary = run.summary()
         result = {
             "steps": cfg.max_train_steps, "resumed_from_step": start_step, "pairs": len(data), "ties": summary.ties,
             "skipped_rows": summary.rows_skipped, "filtered_rows": dict(summary.filtered), "data": [str(f) for f in summary.files],
             "family": family, "base_model": cfg.base, "time_conditioning": cfg.time_conditioning,
-            "processes": run.accelerator.num_processes, "relabel": relabel_info, "config": run.summary()["config"],
+            "processes": run.accelerator.num_processes, "relabel": relabel_info, "config": run_summary["config"],
             "final_loss_mean_last_10": float(np.mean(losses[-10 * cfg.gradient_accumulation_steps:])) if losses else None,
-            "seconds": run.summary()["seconds"], "seconds_this_run": run.summary()["seconds_this_run"], "data_wait": wait_summary(method.waits),
+            "seconds": run_summary["seconds"], "seconds_this_run": run_summary["seconds_this_run"],
+            "data_wait": wait_summary(method.waits),
         }
         run.accelerator.wait_for_everyone()
         if run.is_main:
