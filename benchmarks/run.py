@@ -24,6 +24,7 @@ import os
 import platform
 import resource
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -449,9 +450,11 @@ def judge_cost(args) -> dict:
 # --------------------------------------------------------------------------------------- train-default
 def train_default(args) -> dict:
     out = Path(args.out)
-    cmd = ["spo", "train", "--out", str(out)]
+    cmd = ["spo", "train", "--out", str(out), *shlex.split(args.spo_args)]
     proc, wall, peak = run_child(cmd)
     report = json.loads((out / "before_after.json").read_text()) if (out / "before_after.json").exists() else {}
+    if args.tag and (out / "before_after.png").exists():  # a variant's picture beside its figures
+        shutil.copyfile(out / "before_after.png", RESULTS / f"train-default-{args.tag}.png")
     return {"command_measured": " ".join(cmd), "wall_seconds": round(wall, 1), "peak_rss_mb": round(peak, 1),
             "goal": "<= 300 s and <= 3072 MB on 2 CPU cores (issue 4)", "stdout_tail": proc.stdout[-1500:],
             "judge": {k: v for k, v in report.items() if k != "text"}}
@@ -484,13 +487,15 @@ def _train_run(cmd: list[str], out: Path, epochs: int) -> list[tuple[float, Path
     return points
 
 
-def _judge_arm(base: str, lora: Path | None, n: int, seed: int) -> dict:
+def _judge_arm(base: str, lora: Path | None, n: int, seed: int, strength: float = 1.0) -> dict:
     from spo.models.loading import load_pipeline
     from spo.toy.evaluate import evaluate_pipeline
 
     pipe = load_pipeline(base)
     if lora is not None:
         pipe.load_lora_weights(str(lora), weight_name="pytorch_lora_weights.safetensors", adapter_name="arm")
+        if strength != 1.0:
+            pipe.set_adapters(["arm"], adapter_weights=[strength])
     scores, _ = evaluate_pipeline(pipe, n, seed)
     return scores["per_image"]
 
@@ -519,10 +524,10 @@ def quality(args) -> dict:
     a0, l0 = np.asarray(ref["aesthetic"]), np.asarray(ref["alignment"])
     sd = float(a0.std(ddof=1))
 
-    def arm(points):
+    def arm(points, strength=1.0):
         rows = []
         for seconds, folder, _ in points:
-            got = _judge_arm(base, folder, args.n, args.seed)
+            got = _judge_arm(base, folder, args.n, args.seed, strength)
             a, al = np.asarray(got["aesthetic"]), np.asarray(got["alignment"])
             d, dl = a - a0, al - l0
             rows.append({"lora": str(folder), "train_seconds": seconds, "aesthetic": float(a.mean()),
@@ -533,7 +538,7 @@ def quality(args) -> dict:
                          "alignment_change_ci95_points": 100 * mean_half_width(dl)})
         return rows
 
-    spo_rows, dpo_rows = arm(spo_points), arm(dpo_points)
+    spo_rows, dpo_rows = arm(spo_points, args.spo_strength), arm(dpo_points)
     budget = min(r[-1]["train_seconds"] for r in (spo_rows, dpo_rows) if r)
 
     def at_budget(rows):  # the last checkpoint reached within the shared wall-clock budget
@@ -548,6 +553,7 @@ def quality(args) -> dict:
     result = {"family": fam, "n_per_arm": args.n, "seed": args.seed, "base_std": sd, "train_threads": train_threads,
               "commands": {"spo": " ".join(spo_cmd), **({"dpo": " ".join(dpo_cmd)} if dpo_rows else {})},
               "preference": args.preference or "the shipped toy SPM", "spo_args": args.spo_args,
+              "spo_lora_strength": args.spo_strength,
               "base": {"aesthetic": float(a0.mean()), "alignment": float(l0.mean())},
               "spo": spo_rows, "at_convergence": {"spo": spo_rows[-1]}, "plot": str(plot.relative_to(HERE.parent)),
               "goal": "SPO raises judge aesthetic by >= 0.5 base std with alignment down <= 2 points (issue 4)"}
@@ -563,7 +569,7 @@ def quality_name(args) -> str:
     """quality-<family>, plus the SPO preset when it is not the family's toy default, plus the tag."""
     preset = args.spo_preset or f"toy-{args.family}"
     return (f"quality-{args.family}" + ("" if preset == f"toy-{args.family}" else f"-{preset}")
-            + (f"-{args.tag}" if args.tag else ""))
+            + (f"-{args.tag}" if args.tag else "") + ("" if args.spo_strength == 1.0 else f"-s{args.spo_strength:g}"))
 
 
 def _plot_quality(path: Path, spo_rows, dpo_rows, family: str, threads: int) -> None:
@@ -682,8 +688,6 @@ def _disk_copy(inputs: list[Path], out: Path, out_bytes: int, chunk: int = 64 <<
 
 
 def merge_sdxl(args) -> dict:
-    import shutil
-
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -734,6 +738,8 @@ def main(argv: list[str]) -> None:
     j.add_argument("--batch", type=int, default=8)
     t = sub.add_parser("train-default")
     t.add_argument("--out", default="outputs/bench-train-default")
+    t.add_argument("--spo-args", default="", help="more `spo train` flags for a variant, e.g. '--learning-rate 1e-3'")
+    t.add_argument("--tag", default="", help="names a variant's result file and picture (needed with --spo-args)")
     q = sub.add_parser("quality")
     q.add_argument("--family", default="sd15")
     q.add_argument("--n", type=int, default=512, help="held-out images per arm")
@@ -746,6 +752,9 @@ def main(argv: list[str]) -> None:
     q.add_argument("--preference", default="", help="SPO's scorer: an SPM folder or module:function (default: the shipped toy SPM)")
     q.add_argument("--spo-args", default="", help="more `spo train` flags for this variant, e.g. '--divert-start-step 0'")
     q.add_argument("--tag", default="", help="names this variant's result file and training folder (with --preference or --spo-args)")
+    q.add_argument("--spo-strength", type=float, default=1.0,
+                   help="the SPO LoRAs' strength when judged, e.g. one `spo sweep` suggested on training captions "
+                        "(names the result file; the training folder is the same)")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--work", default="outputs/bench-quality")
     c = sub.add_parser("selection")
@@ -809,6 +818,10 @@ def main(argv: list[str]) -> None:
           "toy-oracle": lambda a: toy_world2.toy_oracle(a, run_child)}[args.name]
     if args.name == "quality":
         name = quality_name(args)
+    elif args.name == "train-default":
+        if args.spo_args and not args.tag:
+            parser.error("--spo-args needs --tag, so that a variant's results do not overwrite the default's")
+        name = "train-default" + (f"-{args.tag}" if args.tag else "")
     elif args.name == "selection":
         name = f"selection-{args.family}" + (f"-{args.tag}" if args.tag else "")
     elif args.name in ("toy-headroom", "toy-oracle"):
