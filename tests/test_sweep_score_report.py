@@ -128,6 +128,16 @@ def test_compare_with_zero_pairs_by_seed():
     assert all(-100 <= v <= 100 for c in got.values() for v in c["alignment_ci95_points"])
 
 
+def test_sweep_prints_each_alignment_change_with_its_interval(sweep_dir):
+    from spo.cli.sweep_cmd import comparison_line
+
+    comps = json.loads((sweep_dir / "sweep.json").read_text())["suggestion"]["comparisons"]
+    assert comps and all("alignment_change_points" in c for c in comps)  # the judge measures alignment
+    for c in comps:
+        lo, hi = c["alignment_ci95_points"]
+        assert f"alignment {c['alignment_change_points']:+.1f} points [{lo:+.1f}, {hi:+.1f}]" in comparison_line(c)
+
+
 def test_sweep_suggestion_excludes_a_clearly_worse_negative_strength(tmp_path):
     """A real LoRA and a real scorer: brightness. This LoRA darkens every seed's image at -1 and brightens
     most at +0.5 and +1, so -1 is significantly worse than 0 on the same seeds and must not be suggested."""

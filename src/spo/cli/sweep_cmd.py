@@ -55,6 +55,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("outputs/sweep"), help="output folder: grid, cells, scores, suggestion (default: %(default)s)")
 
 
+def comparison_line(c: dict) -> str:
+    """One strength against strength 0: the score difference and the alignment change, each with its paired 95 %
+    interval (the rule uses the alignment mean; its interval says how far the mean can be trusted)."""
+    align = (f"; alignment {c['alignment_change_points']:+.1f} points [{c['alignment_ci95_points'][0]:+.1f}, "
+             f"{c['alignment_ci95_points'][1]:+.1f}]" if "alignment_change_points" in c else "")
+    return (f"  strength {c['strength']:g} vs 0: {c['difference']:+.4g} [{c['ci95'][0]:+.4g}, {c['ci95'][1]:+.4g}], "
+            f"{c['wins']} wins of {c['n']}{align}{'  *' if c['significant'] else ''}")
+
+
 def run(args: argparse.Namespace) -> int:
     import sys
 
@@ -82,9 +91,7 @@ def run(args: argparse.Namespace) -> int:
     suggestion = result.get("suggestion")
     if suggestion:
         for c in suggestion["comparisons"]:
-            align = (f"; alignment {c['alignment_change_points']:+.1f} points" if "alignment_change_points" in c else "")
-            print(f"  strength {c['strength']:g} vs 0: {c['difference']:+.4g} [{c['ci95'][0]:+.4g}, {c['ci95'][1]:+.4g}], "
-                  f"{c['wins']} wins of {c['n']}{align}{'  *' if c['significant'] else ''}")
+            print(comparison_line(c))
         print(suggestion["text"])
     elif result.get("suggestion_note"):
         print(result["suggestion_note"])
